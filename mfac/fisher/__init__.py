@@ -1,0 +1,8 @@
+"""Inverse of the damped empirical Fisher ``F = damp I + (1/m) G^T G`` as matrix-free operators."""
+
+from mfac.fisher.base import InverseFisher
+from mfac.fisher.dense import DenseInverseFisher
+from mfac.fisher.sliding import SlidingInverseFisher
+from mfac.fisher.static import StaticInverseFisher
+
+__all__ = ["DenseInverseFisher", "InverseFisher", "SlidingInverseFisher", "StaticInverseFisher"]

@@ -1,0 +1,173 @@
+"""The interface every inverse-Fisher operator implements.
+
+All operators represent ``F^{-1}`` for the damped empirical Fisher
+
+    F = damp * I + (1/s) * G^T G,        G: (n, d) gradient rows, s = the averaging count (usually n = m)
+
+Public methods validate and normalise their input and then call a private hook that only ever sees the
+canonical form (a 2-D ``(k, d)`` block of row vectors of the operator's dtype and device).
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+import torch
+
+from mfac.numerics import check_same_placement
+
+__all__ = ["InverseFisher", "check_grads"]
+
+
+class InverseFisher(abc.ABC):
+    """``F^{-1}`` for ``F = damp * I + (1/m) G^T G`` as a matrix-free operator of size ``d x d``.
+
+    Subclasses implement ``_mul`` (on ``(k, d)``), ``_diag`` and ``_submatrix`` (on a validated 1-D
+    index tensor), and the properties ``ngrads``.
+    """
+
+    def __init__(self, dim: int, damp: float, dtype: torch.dtype, device: torch.device) -> None:
+        self._dim = int(dim)
+        self._damp = float(damp)
+        self._dtype = dtype
+        self._device = torch.device(device)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dim(self) -> int:
+        """``d``: the number of coordinates (parameters)."""
+        return self._dim
+
+    @property
+    def damp(self) -> float:
+        """``lambda`` in ``F = lambda I + (1/m) G^T G`` (never its reciprocal)."""
+        return self._damp
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the vectors the operator takes and returns (the gradients' dtype)."""
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the vectors the operator takes and returns."""
+        return self._device
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(d, d)``."""
+        return (self._dim, self._dim)
+
+    @property
+    @abc.abstractmethod
+    def ngrads(self) -> int:
+        """Number of gradients the Fisher is currently built from."""
+
+    # ------------------------------------------------------------------ public, validating
+    def mul(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``F^{-1} x``.
+
+        Args:
+            x: shape ``(d,)``, or ``(k, d)`` for ``k`` vectors as rows; the operator's dtype and device.
+
+        Returns:
+            Same shape as ``x``: ``F^{-1} x`` (or each row multiplied).
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_same_placement(x, "x", self._dtype, self._device)
+        if x.dim() not in (1, 2) or x.shape[-1] != self._dim:
+            raise ValueError(
+                f"x must have shape ({self._dim},) or (k, {self._dim}), got {tuple(x.shape)}"
+            )
+        rows = x.unsqueeze(0) if x.dim() == 1 else x
+        out = self._mul(rows)
+        return out.squeeze(0) if x.dim() == 1 else out
+
+    def diag(self) -> torch.Tensor:
+        """Return ``diag(F^{-1})``, shape ``(d,)``."""
+        return self._diag()
+
+    def submatrix(self, idx: torch.Tensor) -> torch.Tensor:
+        """Return the dense block ``F^{-1}[idx][:, idx]``, shape ``(s, s)`` for ``s = len(idx)``.
+
+        Args:
+            idx: 1-D integer tensor of distinct-or-not coordinates in ``[0, d)``.
+
+        Cost: ``O(s^2 m)`` (it is what joint OBS removal of ``s`` weights needs).
+        """
+        idx = self._check_index(idx)
+        return self._submatrix(idx)
+
+    def to_dense(self) -> torch.Tensor:
+        """Return ``F^{-1}`` as an explicit ``(d, d)`` matrix (tests, notebooks, tiny ``d`` only)."""
+        eye = torch.eye(self._dim, dtype=self._dtype, device=self._device)
+        return self._mul(eye)
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` view (float64 numpy in and out), for ``eigsh`` etc.
+
+        The view is symmetric (``rmatvec == matvec``); it computes in the operator's dtype and device.
+        """
+        from scipy.sparse.linalg import LinearOperator
+
+        def matmat(x: np.ndarray) -> np.ndarray:
+            x = np.asarray(x)
+            rows = torch.as_tensor(np.ascontiguousarray(x.reshape(self._dim, -1).T))
+            out = self._mul(rows.to(device=self._device, dtype=self._dtype))
+            result = out.T.to(device="cpu", dtype=torch.float64).numpy()
+            return result.reshape(x.shape)
+
+        return LinearOperator(
+            shape=self.shape, matvec=matmat, rmatvec=matmat, matmat=matmat, rmatmat=matmat,
+            dtype=np.float64,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(dim={self._dim}, ngrads={self.ngrads}, damp={self._damp:g}, "
+            f"dtype={self._dtype}, device={self._device})"
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _check_index(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(idx)
+        if idx.dtype in (torch.bool, torch.uint8) or idx.is_floating_point() or idx.is_complex():
+            raise TypeError(f"idx must be an integer index tensor, got dtype {idx.dtype}")
+        if idx.dim() != 1:
+            raise ValueError(f"idx must be 1-D, got shape {tuple(idx.shape)}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self._dim):
+            raise IndexError(
+                f"idx must lie in [0, {self._dim}), got values in [{int(idx.min())}, {int(idx.max())}]"
+            )
+        return idx.to(device=self._device, dtype=torch.long)
+
+    # ------------------------------------------------------------------ hooks
+    @abc.abstractmethod
+    def _mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``F^{-1}`` applied to each row of ``x`` (shape ``(k, d)``, canonical dtype/device)."""
+
+    @abc.abstractmethod
+    def _diag(self) -> torch.Tensor:
+        """``diag(F^{-1})``, shape ``(d,)``."""
+
+    @abc.abstractmethod
+    def _submatrix(self, idx: torch.Tensor) -> torch.Tensor:
+        """``F^{-1}[idx][:, idx]`` for a validated long index tensor on the operator's device."""
+
+
+def check_grads(grads: torch.Tensor, name: str = "grads") -> torch.Tensor:
+    """Validate an ``(m, d)`` gradient matrix: a floating tensor with d >= 1 and finite entries."""
+    if not isinstance(grads, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (m, d), got {type(grads).__name__}")
+    if grads.dim() != 2:
+        raise ValueError(f"{name} must have shape (m, d), got {tuple(grads.shape)}")
+    if not grads.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {grads.dtype}")
+    if grads.shape[1] < 1:
+        raise ValueError(f"{name} must have d >= 1 columns, got shape {tuple(grads.shape)}")
+    from mfac.numerics import check_finite
+
+    check_finite(grads, name)
+    return grads

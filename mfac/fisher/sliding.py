@@ -1,0 +1,316 @@
+r"""Sliding-window inverse Fisher: the last ``m`` gradients of a training run (the optimizer's hot path).
+
+State: a ring buffer ``G`` of the last ``m`` gradients (``m x d``, the gradients' dtype and device), the
+float64 Gram matrix ``G G^T`` of the stored rows, and the float64 inverse ``P = M^{-1}`` of
+
+    M = s * damp * I + G G^T          (n x n over the n <= m stored rows)
+
+where ``s`` is the averaging count: ``F = damp I + (1/s) G^T G``. Then (Woodbury)
+
+    F^{-1} x   = (x - G^T P G x) / damp                    general vector: two passes over G
+    F^{-1} g_r = s * G^T P e_r                               a stored row: no cancellation (F G^T = G^T M / s)
+
+Each ``update(g)`` overwrites the oldest row, refreshes one row and column of the Gram matrix with one pass
+``G g`` (accumulated in float64) and updates ``P`` by two rank-one corrections (remove row r, add it back:
+O(m^2)); ``update_mul(g)`` then returns ``F^{-1} g = s G^T P e_r`` with one more pass. Per step that is the
+floor of two passes over ``G`` plus O(m^2) float64 work. ``P`` is refactored from the Gram matrix by a
+Cholesky every ``m`` updates, whenever the rank-one update looks unstable (a pivot that is not clearly
+positive, or a residual ``|M c - e_r|`` above tolerance), and while the window fills with
+``average_over="seen"`` (there ``s`` changes every step, which shifts the whole diagonal).
+
+Open choice, made explicit: while the window fills (``n < m`` gradients seen), ``average_over="seen"``
+(default) uses ``s = n``: the Fisher is the average of the gradients it holds, so the first step is the
+Sherman-Morrison step ``g / (damp + |g|^2)``. ``average_over="ngrads"`` uses ``s = m`` from the start, as
+the paper's code does (its empty rows are zeros), so early steps are close to ``g / damp``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from mfac.fisher.base import InverseFisher
+from mfac.numerics import (
+    DEFAULT_CHUNK,
+    SMALL_DTYPE,
+    accumulated_matmul,
+    allocate,
+    check_damp,
+    check_finite,
+    check_positive_int,
+    check_same_placement,
+    safe_cholesky,
+)
+
+__all__ = ["SlidingInverseFisher"]
+
+_AVERAGE_OVER = ("seen", "ngrads")
+#: relative residual of ``M c = e_r`` above which the rank-one-updated inverse is refactored.
+_RESIDUAL_TOL = 1e-10
+
+
+class SlidingInverseFisher(InverseFisher):
+    r"""``F^{-1}`` for ``F = damp I + (1/s) G^T G`` over the last ``ngrads`` gradients of a stream.
+
+    Args:
+        dim: ``d``, the number of coordinates.
+        ngrads: ``m``, the window size (capacity of the ring buffer).
+        damp: ``lambda > 0``.
+        dtype: dtype of the buffer and of the vectors in and out (float32 by default).
+        device: device of the buffer (``None``: the default device).
+        average_over: ``"seen"`` (``s = min(num_seen, m)``, default) or ``"ngrads"`` (``s = m``
+            always, the paper's choice); see the module docstring.
+        chunk: columns per float32 partial product of ``G x`` (summed in float64).
+
+    Memory: ``m * d * bytes(dtype)`` for the window (e.g. ``m = 1024, d = 1e6`` in float32: 4 GiB),
+    plus ``2 * m^2 * 8`` bytes of float64 state. Allocation is eager and fails with the size asked for.
+
+    Cost per ``update_mul``: two passes over the window (``G g`` and ``G^T c``, O(md)) plus O(m^2)
+    float64 work; O(m^3) once every ``m`` steps (and every step while filling with ``"seen"``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        ngrads: int,
+        damp: float,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        average_over: Literal["seen", "ngrads"] = "seen",
+        chunk: int = DEFAULT_CHUNK,
+    ) -> None:
+        check_positive_int(dim, "dim")
+        check_positive_int(ngrads, "ngrads")
+        damp = check_damp(damp)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if average_over not in _AVERAGE_OVER:
+            raise ValueError(f"average_over must be one of {_AVERAGE_OVER}, got {average_over!r}")
+        device = torch.device(device) if device is not None else torch.empty(0).device
+        super().__init__(dim, damp, dtype, device)
+        self._m = ngrads
+        self._average_over = average_over
+        self._chunk = check_positive_int(chunk, "chunk")
+        self._grads = allocate((ngrads, dim), dtype, device, "gradient window")  # shape: (m, d)
+        self._gram = torch.zeros(ngrads, ngrads, dtype=SMALL_DTYPE, device=device)  # G G^T
+        self._inv = torch.zeros(ngrads, ngrads, dtype=SMALL_DTYPE, device=device)  # P = M^{-1}
+        self._num_seen = 0
+        self._since_refactor = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def ngrads(self) -> int:
+        """``m``: the window size."""
+        return self._m
+
+    @property
+    def num_seen(self) -> int:
+        """Number of gradients added since construction (or since :meth:`reset`)."""
+        return self._num_seen
+
+    @property
+    def num_stored(self) -> int:
+        """``n = min(num_seen, m)``: the number of gradients the Fisher currently holds."""
+        return min(self._num_seen, self._m)
+
+    @property
+    def average_over(self) -> str:
+        """``"seen"`` or ``"ngrads"``: how ``s`` in ``(1/s) G^T G`` is chosen while filling."""
+        return self._average_over
+
+    @property
+    def scale(self) -> int:
+        """``s``: the count the outer products are averaged over right now."""
+        return self._m if self._average_over == "ngrads" else max(self.num_stored, 1)
+
+    @property
+    def window(self) -> torch.Tensor:
+        """The stored gradients, shape ``(n, d)`` (ring order, not chronological). Read-only view."""
+        return self._grads[: self.num_stored]
+
+    @property
+    def next_row(self) -> int:
+        """Ring index the next gradient will overwrite."""
+        return self._num_seen % self._m
+
+    # ------------------------------------------------------------------ updates
+    def reset(self) -> None:
+        """Empty the window (``F^{-1}`` becomes ``I / damp``); keeps the allocations."""
+        self._grads.zero_()
+        self._gram.zero_()
+        self._inv.zero_()
+        self._num_seen = 0
+        self._since_refactor = 0
+
+    def update(self, grad: torch.Tensor) -> None:
+        """Add ``grad`` (shape ``(d,)``) as the newest gradient, dropping the oldest once full.
+
+        Raises ``ValueError`` for a non-finite ``grad``; the window is then left untouched.
+        Cost: one pass over the window plus O(m^2) (O(m^3) when refactoring).
+        """
+        self._check_vector(grad, "grad")
+        check_finite(grad, "grad")
+        self._update(grad)
+
+    def update_mul(self, grad: torch.Tensor) -> torch.Tensor:
+        """Add ``grad`` to the window and return ``F^{-1} grad`` for the updated window.
+
+        Uses the cancellation-free form ``F^{-1} g_r = s G^T P e_r`` (``g_r`` is in the window), accurate
+        to float32 round-off of the two passes even when ``damp`` is tiny. Shape ``(d,) -> (d,)``.
+        """
+        self._check_vector(grad, "grad")
+        check_finite(grad, "grad")
+        row = self._update(grad)
+        n = self.num_stored
+        coeff = self._inv[:n, row] * self.scale  # (n,) float64
+        return coeff.to(self._dtype) @ self._grads[:n]
+
+    def _update(self, grad: torch.Tensor) -> int:
+        row = self._num_seen % self._m
+        full_before = self._num_seen >= self._m
+        old_scale = self.scale
+        self._grads[row].copy_(grad)
+        self._num_seen += 1
+        n = self.num_stored
+        col = accumulated_matmul(self._grads[:n], grad.unsqueeze(-1), chunk=self._chunk).squeeze(-1)
+        self._reduce(col)
+        self._gram[row, :n] = col
+        self._gram[:n, row] = col
+        if full_before and self.scale == old_scale and self._since_refactor < self._m:
+            if self._replace_row(row):
+                self._since_refactor += 1
+                return row
+        self._refactor()
+        return row
+
+    def _system(self) -> torch.Tensor:
+        """``M = s damp I + G G^T`` over the stored rows, float64, shape ``(n, n)``."""
+        n = self.num_stored
+        system = self._gram[:n, :n].clone()
+        system.diagonal().add_(self.scale * self._damp)
+        return system
+
+    def _refactor(self) -> None:
+        n = self.num_stored
+        factor = safe_cholesky(self._system(), what="m x m system s*damp*I + G G^T")
+        self._inv.zero_()
+        self._inv[:n, :n] = torch.cholesky_inverse(factor)
+        self._since_refactor = 0
+
+    def _replace_row(self, row: int) -> bool:
+        """Update ``P = M^{-1}`` for a new row/column ``row`` of ``M`` in O(m^2); False if unstable.
+
+        Remove: ``P' = P - p p^T / p_rr`` (``p = P e_r``) is the inverse of ``M`` without row/column
+        ``row``, embedded with zeros. Add: with ``b`` the new column without its diagonal entry ``v_r``,
+        ``u = P' b``, the Schur complement ``sigma = v_r - b^T u`` and ``w = u - e_r``, the new inverse is
+        ``P' + w w^T / sigma``.
+        """
+        inv = self._inv
+        pivot = inv[row, row].item()
+        if not pivot > 0.0:
+            return False
+        p = inv[:, row].clone()
+        inv.addr_(p, p, alpha=-1.0 / pivot)
+        inv[row, :] = 0.0
+        inv[:, row] = 0.0
+        col = self._gram[:, row].clone()
+        diag = col[row].item() + self.scale * self._damp
+        col[row] = 0.0
+        u = inv @ col
+        sigma = diag - torch.dot(col, u).item()
+        if not sigma > 1e-13 * diag:
+            return False
+        u[row] = -1.0
+        inv.addr_(u, u, alpha=1.0 / sigma)
+        # residual check of the column the step uses: |M c - e_r| relative to |M| |c|
+        c = inv[:, row]
+        resid = self._gram @ c + self.scale * self._damp * c
+        resid[row] -= 1.0
+        bound = _RESIDUAL_TOL * (self._gram.diagonal().amax().item() + self.scale * self._damp)
+        return resid.abs().amax().item() <= bound * c.abs().amax().item() + _RESIDUAL_TOL
+
+    # ------------------------------------------------------------------ hooks
+    def _reduce(self, partial: torch.Tensor) -> None:
+        """Sum partial products ``G x`` over shards (identity on one process)."""
+
+    def _check_vector(self, vec: torch.Tensor, name: str) -> None:
+        if not isinstance(vec, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(vec).__name__}")
+        check_same_placement(vec, name, self._dtype, self._device)
+        if vec.shape != (self._dim,):
+            raise ValueError(f"{name} must have shape ({self._dim},), got {tuple(vec.shape)}")
+
+    def _mul(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.num_stored
+        if n == 0:
+            return x / self._damp
+        window = self._grads[:n]
+        proj = accumulated_matmul(window, x.T, chunk=self._chunk)  # (n, k) float64
+        self._reduce(proj)
+        coeff = (self._inv[:n, :n] @ proj).to(self._dtype)  # (n, k)
+        return torch.addmm(x, coeff.T, window, alpha=-1.0).div_(self._damp)
+
+    def _factor_rows(self) -> tuple[torch.Tensor, int]:
+        n = self.num_stored
+        return safe_cholesky(self._system(), what="m x m system s*damp*I + G G^T"), n
+
+    def _diag(self) -> torch.Tensor:
+        n = self.num_stored
+        out = torch.full((self._dim,), 1.0 / self._damp, dtype=self._dtype, device=self._device)
+        if n == 0:
+            return out
+        factor, _ = self._factor_rows()
+        factor = factor.to(self._dtype)
+        for start in range(0, self._dim, self._chunk):
+            sl = slice(start, start + self._chunk)
+            q = torch.linalg.solve_triangular(factor, self._grads[:n, sl], upper=False)
+            out[sl] -= q.square().sum(0) / self._damp
+        return out
+
+    def _submatrix(self, idx: torch.Tensor) -> torch.Tensor:
+        n = self.num_stored
+        same = (idx[:, None] == idx[None, :]).to(self._dtype)
+        if n == 0:
+            return same / self._damp
+        cols = self._grads[:n, idx].to(SMALL_DTYPE)  # (n, s)
+        inner = cols.T @ self._inv[:n, :n] @ cols
+        return (same - inner.to(self._dtype)) / self._damp
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit for bit: window, Gram, inverse, counters and settings."""
+        return {
+            "dim": self._dim,
+            "ngrads": self._m,
+            "damp": self._damp,
+            "average_over": self._average_over,
+            "num_seen": self._num_seen,
+            "since_refactor": self._since_refactor,
+            "grads": self._grads,
+            "gram": self._gram,
+            "inv": self._inv,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output, copying into this operator's dtype and device.
+
+        The settings (``dim``, ``ngrads``, ``damp``, ``average_over``) must match this operator's.
+        """
+        for key, mine in (("dim", self._dim), ("ngrads", self._m), ("damp", self._damp),
+                          ("average_over", self._average_over)):
+            if key not in state:
+                raise KeyError(f"state_dict is missing {key!r}")
+            if state[key] != mine:
+                raise ValueError(f"state_dict has {key}={state[key]!r}, this operator {key}={mine!r}")
+        for key, mine in (("grads", self._grads), ("gram", self._gram), ("inv", self._inv)):
+            if tuple(state[key].shape) != tuple(mine.shape):
+                raise ValueError(
+                    f"state_dict[{key!r}] has shape {tuple(state[key].shape)}, expected {tuple(mine.shape)}"
+                )
+        self._grads.copy_(state["grads"])
+        self._gram.copy_(state["gram"])
+        self._inv.copy_(state["inv"])
+        self._num_seen = int(state["num_seen"])
+        self._since_refactor = int(state["since_refactor"])

@@ -1,0 +1,216 @@
+r"""Static inverse Fisher: a fixed set of ``m`` gradients, built with BLAS-3 only.
+
+With ``G`` the ``(m, d)`` gradient matrix and ``F = damp I + (1/m) G^T G``, Woodbury gives
+
+    F^{-1} = (I - G^T M^{-1} G) / damp,      M = m * damp * I + G G^T       (m x m, SPD)
+
+and with the Cholesky factor ``M = L L^T`` and ``Q = L^{-1} G`` (``m x d``):
+
+    F^{-1} x     = (x - Q^T (Q x)) / damp                   two passes over Q: O(dm)
+    diag(F^{-1}) = (1 - colsum(Q * Q)) / damp                one pass: O(dm)
+    F^{-1}[j, k] = (delta_jk - <Q[:, j], Q[:, k]>) / damp     O(m)
+
+This is the paper's static recursion (``v_i = F_{i-1}^{-1} g_i``, denominators ``m + g_i^T v_i``) in BLAS-3
+form: its denominators are (up to the factor ``damp``) the pivots of this Cholesky. The build is one Gram
+product, one ``m x m`` Cholesky (float64) and one triangular solve; there is no Python loop over ``m``.
+
+Block-diagonal variant: the ``d`` coordinates are cut into blocks of ``B`` (the last block may be shorter)
+and each block gets its own ``F_b = damp I + (1/m) G_b^T G_b`` from the same gradients. Blocks are a batch
+dimension. When ``B <= m`` the ``B x B`` blocks are inverted directly (O(d B^2) memory-free of ``m``,
+WoodFisher's route); otherwise the Woodbury route above is taken per block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as nnf
+
+from mfac.fisher.base import InverseFisher, check_grads
+from mfac.numerics import (
+    DEFAULT_CHUNK,
+    SMALL_DTYPE,
+    accumulated_matmul,
+    allocate,
+    check_damp,
+    check_positive_int,
+    safe_cholesky,
+)
+
+__all__ = ["StaticInverseFisher"]
+
+
+class StaticInverseFisher(InverseFisher):
+    r"""``F^{-1}`` for ``F = damp I + (1/m) G^T G`` over a fixed gradient matrix (pruning, analysis).
+
+    Args:
+        grads: ``G``, shape ``(m, d)``, one gradient per row; finite. Its dtype and device are the
+            operator's. ``m = 0`` gives ``F^{-1} = I / damp``.
+        damp: ``lambda > 0``.
+        block_size: ``B``; ``None`` (default) means one block of size ``d`` (the full operator). The
+            last block has ``d - (nb - 1) B`` coordinates.
+        overwrite: allow the build to reuse ``grads``' memory for the factor ``Q`` (then ``grads`` is
+            destroyed). Only possible for the full operator (``block_size=None``) on a contiguous input;
+            brings the peak memory from about ``2 m d`` to about ``m d`` entries.
+
+    Memory: the factor ``Q`` is ``m * d * bytes`` (Woodbury route, ``B > m``) or the blocks'
+    inverses ``d * B * bytes`` (direct route, ``B <= m``); plus ``nb * m^2 * 8`` bytes of float64 factors.
+    Peak during the build: about ``2 m d`` entries (``m d`` with ``overwrite=True``).
+
+    Cost: build ``O(m^2 d)`` (Gram + triangular solve, BLAS-3) + ``O(nb m^3)``; ``mul`` ``O(md)`` per
+    vector; ``diag`` ``O(md)``; ``submatrix`` ``O(s^2 m)``.
+
+    The Gram products are accumulated in float64 (``chunk`` columns at a time in the input dtype), the
+    ``m x m`` Cholesky is done in float64; a Gram matrix that rounding left indefinite is repaired with a
+    small diagonal jitter and a :class:`~mfac.numerics.NumericalWarning`.
+    """
+
+    def __init__(
+        self,
+        grads: torch.Tensor,
+        damp: float,
+        *,
+        block_size: int | None = None,
+        overwrite: bool = False,
+        chunk: int = DEFAULT_CHUNK,
+    ) -> None:
+        grads = check_grads(grads)
+        damp = check_damp(damp)
+        m, d = grads.shape
+        if block_size is not None:
+            check_positive_int(block_size, "block_size")
+        block = d if block_size is None else min(block_size, d)
+        super().__init__(d, damp, grads.dtype, grads.device)
+        self._ngrads = m
+        self._block = block
+        self._nblocks = math.ceil(d / block)
+        self._pad = self._nblocks * block - d
+        self._chunk = check_positive_int(chunk, "chunk")
+        if m == 0:
+            self.route = "empty"
+        elif block <= m:
+            self.route = "direct"
+            self._inv_blocks = self._build_direct(grads)  # shape: (nb, B, B)
+        else:
+            self.route = "woodbury"
+            self._q = self._build_woodbury(grads, overwrite)  # shape: (nb, m, B)
+
+    # ------------------------------------------------------------------ build
+    def _blocked(self, cols: torch.Tensor, nblocks: int) -> torch.Tensor:
+        """``(m, c)`` column slab -> ``(nblocks, m, B)`` zero-padded block view/copy."""
+        m = cols.shape[0]
+        pad = nblocks * self._block - cols.shape[1]
+        if pad:
+            cols = nnf.pad(cols, (0, pad))
+        return cols.reshape(m, nblocks, self._block).permute(1, 0, 2)
+
+    def _build_direct(self, grads: torch.Tensor) -> torch.Tensor:
+        """Invert each ``B x B`` block ``damp I + (1/m) G_b^T G_b`` (float64), batch by batch of blocks."""
+        m = self._ngrads
+        block = self._block
+        out = allocate((self._nblocks, block, block), self._dtype, self._device, "block inverses")
+        eye = torch.eye(block, dtype=SMALL_DTYPE, device=self._device)
+        # float64 working set per batch of blocks: about ``chunk * max(m, B)`` entries.
+        per = max(1, self._chunk // max(block, 1))
+        for start in range(0, self._nblocks, per):
+            stop = min(start + per, self._nblocks)
+            cols = grads[:, start * block : min(stop * block, self._dim)]
+            g64 = self._blocked(cols, stop - start).to(SMALL_DTYPE)  # (nbc, m, B)
+            fisher = torch.baddbmm(eye.expand(stop - start, block, block), g64.mT, g64,
+                                   beta=self._damp, alpha=1.0 / m)
+            factor = safe_cholesky(fisher, what="Fisher block")
+            out[start:stop] = torch.cholesky_inverse(factor).to(self._dtype)
+        return out
+
+    def _build_woodbury(self, grads: torch.Tensor, overwrite: bool) -> torch.Tensor:
+        m = self._ngrads
+        if self._nblocks == 1 and not self._pad:
+            work = grads.unsqueeze(0)  # a view: the input itself
+            in_place = overwrite and grads.is_contiguous()
+        else:
+            work = allocate((self._nblocks, m, self._block), self._dtype, self._device, "blocked factor Q")
+            work.copy_(self._blocked(grads, self._nblocks))
+            in_place = True  # ``work`` is our own copy
+        gram = accumulated_matmul(work, work.mT, chunk=self._chunk)  # (nb, m, m) float64
+        gram.diagonal(dim1=-2, dim2=-1).add_(m * self._damp)
+        factor = safe_cholesky(gram, what="m x m system m*damp*I + G G^T").to(self._dtype)
+        del gram
+        if not in_place:
+            return torch.linalg.solve_triangular(factor, work, upper=False)
+        self._solve_in_place(factor, work)
+        return work
+
+    def _solve_in_place(self, factor: torch.Tensor, work: torch.Tensor) -> None:
+        """``work <- L^{-1} work`` in slabs, so that only one slab of extra memory is live."""
+        nb, m, width = work.shape
+        if nb > 1:
+            per = max(1, (self._chunk * 16) // max(width, 1))  # about 16 * chunk columns a slab
+            for start in range(0, nb, per):
+                sl = slice(start, start + per)
+                work[sl] = torch.linalg.solve_triangular(factor[sl], work[sl], upper=False)
+        else:
+            for start in range(0, width, self._chunk):
+                sl = slice(start, start + self._chunk)
+                work[..., sl] = torch.linalg.solve_triangular(factor, work[..., sl], upper=False)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def ngrads(self) -> int:
+        return self._ngrads
+
+    @property
+    def block_size(self) -> int:
+        """``B``: the block size (``d`` for the full operator)."""
+        return self._block
+
+    @property
+    def num_blocks(self) -> int:
+        """``nb = ceil(d / B)``."""
+        return self._nblocks
+
+    # ------------------------------------------------------------------ hooks
+    def _to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """``(k, d)`` rows -> ``(nb, B, k)`` columns per block."""
+        k = x.shape[0]
+        if self._pad:
+            x = nnf.pad(x, (0, self._pad))
+        return x.reshape(k, self._nblocks, self._block).permute(1, 2, 0)
+
+    def _from_blocks(self, y: torch.Tensor) -> torch.Tensor:
+        """``(nb, B, k)`` -> ``(k, d)`` rows."""
+        k = y.shape[-1]
+        return y.permute(2, 0, 1).reshape(k, -1)[:, : self._dim]
+
+    def _mul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.route == "empty":
+            return x / self._damp
+        xb = self._to_blocks(x)
+        if self.route == "direct":
+            return self._from_blocks(self._inv_blocks @ xb)
+        coeff = self._q @ xb  # (nb, m, k)
+        yb = torch.baddbmm(xb, self._q.mT, coeff, alpha=-1.0).div_(self._damp)
+        return self._from_blocks(yb)
+
+    def _diag(self) -> torch.Tensor:
+        if self.route == "empty":
+            return torch.full((self._dim,), 1.0 / self._damp, dtype=self._dtype, device=self._device)
+        if self.route == "direct":
+            diag = self._inv_blocks.diagonal(dim1=-2, dim2=-1)
+        else:
+            colsq = torch.linalg.vector_norm(self._q, dim=-2).square_()  # (nb, B), one pass
+            diag = colsq.neg_().add_(1.0).div_(self._damp)
+        return diag.reshape(-1)[: self._dim].clone()
+
+    def _submatrix(self, idx: torch.Tensor) -> torch.Tensor:
+        same_coord = (idx[:, None] == idx[None, :]).to(self._dtype)
+        if self.route == "empty":
+            return same_coord / self._damp
+        blk, off = idx // self._block, idx % self._block
+        same_block = blk[:, None] == blk[None, :]
+        if self.route == "direct":
+            vals = self._inv_blocks[blk[:, None], off[:, None], off[None, :]]
+            return vals * same_block
+        cols = self._q[blk, :, off]  # (s, m)
+        inner = (cols @ cols.T) * same_block
+        return (same_coord - inner) / self._damp

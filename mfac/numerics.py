@@ -1,0 +1,187 @@
+"""Numerical policy of mfac: warning and error types, input checks, precise Gram products, safe Cholesky.
+
+Nothing here changes global state (no TF32 switches, no default dtypes): every routine takes the tensors
+it works on and returns new ones.
+
+Precision policy
+----------------
+* The ``m x d`` gradient buffer stays in the dtype and on the device of the gradients (the *compute dtype*).
+* All ``m x m`` work (Gram matrix, Cholesky factor, small solves) is done in float64 (``SMALL_DTYPE``)
+  whatever the compute dtype: it costs O(m^2)..O(m^3), nothing next to the O(md) passes.
+* Products ``G @ x`` that feed the ``m x m`` system are accumulated in float64 chunk by chunk (float32
+  partial sums over ``chunk`` columns, summed in float64), in the same single pass over ``G``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SMALL_DTYPE",
+    "MFACWarning",
+    "NotPositiveDefiniteError",
+    "NumericalWarning",
+    "accumulated_matmul",
+    "check_damp",
+    "check_finite",
+    "check_positive_int",
+    "check_same_placement",
+    "format_bytes",
+    "safe_cholesky",
+]
+
+#: dtype of all m x m work (Gram matrices, Cholesky factors, coefficient vectors).
+SMALL_DTYPE = torch.float64
+
+#: columns per partial product when accumulating ``G @ x`` in float64 (float32/bf16 inputs).
+DEFAULT_CHUNK = 1 << 16
+
+
+class MFACWarning(UserWarning):
+    """Base class of every warning mfac emits (filter them all with ``warnings.filterwarnings``)."""
+
+
+class NumericalWarning(MFACWarning):
+    """A numerical breakdown was detected and recovered from (e.g. a Cholesky needed jitter)."""
+
+
+class NotPositiveDefiniteError(RuntimeError):
+    """A matrix that must be symmetric positive definite was not, and could not be recovered."""
+
+
+def check_damp(damp: float) -> float:
+    """Return ``damp`` as a float after checking that it is finite and > 0."""
+    if isinstance(damp, torch.Tensor):
+        if damp.numel() != 1:
+            raise ValueError(f"damp must be a scalar, got a tensor of shape {tuple(damp.shape)}")
+        damp = damp.item()
+    try:
+        value = float(damp)
+    except (TypeError, ValueError):
+        raise TypeError(f"damp must be a real number, got {damp!r}") from None
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"damp must be finite and > 0, got {damp}")
+    return value
+
+
+def check_positive_int(value: int, name: str) -> int:
+    """Return ``value`` after checking that it is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_finite(tensor: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``tensor`` holds NaN or inf."""
+    if not bool(torch.isfinite(tensor).all()):
+        nan = int(torch.isnan(tensor).sum())
+        inf = int(torch.isinf(tensor).sum())
+        raise ValueError(f"{name} must be finite, got {nan} NaN and {inf} inf entries")
+
+
+def check_same_placement(
+    tensor: torch.Tensor, name: str, dtype: torch.dtype, device: torch.device
+) -> None:
+    """Raise ``TypeError``/``ValueError`` if ``tensor`` is not of ``dtype`` on ``device``."""
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the operator's), got {tensor.dtype}")
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on device {device} (the operator's), got {tensor.device}")
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable byte count, e.g. ``format_bytes(3 * 2**30) == '3.00 GiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None,
+             what: str) -> torch.Tensor:
+    """``torch.zeros(shape)`` that, when it cannot fit, says how much memory was asked for."""
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    try:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        raise MemoryError(
+            f"cannot allocate the {what} of shape {tuple(shape)} ({dtype}): "
+            f"{format_bytes(nbytes)} asked for on {device or 'cpu'}"
+        ) from err
+
+
+def accumulated_matmul(a: torch.Tensor, b: torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """``a @ b`` contracted over the last dim of ``a``, accumulated in float64, in one pass.
+
+    Args:
+        a: shape ``(..., m, d)``.
+        b: shape ``(..., d, k)``, same dtype and device as ``a``.
+        chunk: columns of ``a`` per partial product (float32/bf16 only).
+
+    Returns:
+        ``a @ b`` in float64, shape ``(..., m, k)``.
+
+    For float64 inputs this is one matmul. For lower precision, partial products over ``chunk``
+    columns are formed in the input dtype (BLAS speed) and summed in float64, so the rounding error
+    grows with ``chunk`` instead of with ``d``. Cost: the same single pass over ``a``.
+    """
+    d = a.shape[-1]
+    if a.dtype == SMALL_DTYPE or d <= chunk:
+        return (a @ b).to(SMALL_DTYPE)
+    out = None
+    for start in range(0, d, chunk):
+        part = (a[..., start : start + chunk] @ b[..., start : start + chunk, :]).to(SMALL_DTYPE)
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def safe_cholesky(matrix: torch.Tensor, *, what: str = "matrix") -> torch.Tensor:
+    """Lower Cholesky factor of a (batch of) symmetric positive definite float64 matrices.
+
+    If the factorization fails (rounding made the matrix indefinite, typically a float32 Gram matrix of
+    nearly collinear gradients with a tiny ``damp``), a diagonal jitter is added, starting at
+    ``1e-12 * max|diag|`` and growing 100x per try (at most 6 tries), and a ``NumericalWarning`` says how
+    much was added. If that does not help, ``NotPositiveDefiniteError`` is raised: never garbage.
+
+    Args:
+        matrix: shape ``(..., n, n)``, symmetric.
+
+    Returns:
+        ``L`` with ``L @ L.mT == matrix (+ jitter * I)``, shape ``(..., n, n)``.
+    """
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if not bool((info != 0).any()):
+        return factor
+    n = matrix.shape[-1]
+    if n == 0:
+        return factor
+    scale = matrix.diagonal(dim1=-2, dim2=-1).abs().amax().item()
+    eye = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
+    jitter = max(scale, 1e-300) * 1e-12
+    for _ in range(6):
+        factor, info = torch.linalg.cholesky_ex(matrix + jitter * eye)
+        if not bool((info != 0).any()):
+            warnings.warn(
+                f"{what} was not numerically positive definite (Cholesky failed); added "
+                f"{jitter:.3e} to its diagonal ({jitter / max(scale, 1e-300):.1e} of its largest "
+                "entry). The gradients are nearly collinear for this damp: consider a larger damp.",
+                NumericalWarning,
+                stacklevel=3,
+            )
+            logger.debug("safe_cholesky: jitter %.3e on %s of size %d", jitter, what, n)
+            return factor
+        jitter *= 100.0
+    raise NotPositiveDefiniteError(
+        f"{what} of size {n} is not positive definite even with a diagonal jitter of {jitter / 100:.3e}; "
+        "are the gradients finite and damp > 0?"
+    )
