@@ -40,7 +40,7 @@ __all__ = [
 SMALL_DTYPE = torch.float64
 
 #: columns per partial product when accumulating ``G @ x`` in float64 (float32/bf16 inputs).
-DEFAULT_CHUNK = 1 << 16
+DEFAULT_CHUNK = 1 << 13
 
 
 class MFACWarning(UserWarning):
@@ -145,43 +145,53 @@ def accumulated_matmul(a: torch.Tensor, b: torch.Tensor, *, chunk: int = DEFAULT
     return out
 
 
-def safe_cholesky(matrix: torch.Tensor, *, what: str = "matrix") -> torch.Tensor:
+def safe_cholesky(
+    matrix: torch.Tensor, *, what: str = "matrix", entry_dtype: torch.dtype = SMALL_DTYPE
+) -> tuple[torch.Tensor, float]:
     """Lower Cholesky factor of a (batch of) symmetric positive definite float64 matrices.
 
-    If the factorization fails (rounding made the matrix indefinite, typically a float32 Gram matrix of
-    nearly collinear gradients with a tiny ``damp``), a diagonal jitter is added, starting at
-    ``1e-12 * max|diag|`` and growing 100x per try (at most 6 tries), and a ``NumericalWarning`` says how
-    much was added. If that does not help, ``NotPositiveDefiniteError`` is raised: never garbage.
+    If the factorization fails (rounding made the matrix indefinite: typically a Gram matrix of nearly
+    collinear float32 gradients with a tiny ``damp``), a diagonal jitter is added, starting at
+    ``1e3 * eps(entry_dtype) * max|diag|`` and growing 10x per try (at most 8 tries), and a
+    :class:`NumericalWarning` says how much was added. If that does not help,
+    :class:`NotPositiveDefiniteError` is raised: never garbage.
+
+    Why ``1e3 * eps``: a failed Cholesky means the rounding error ``E`` of the entries (accumulated
+    float32 products: about ``1e-6 * max|diag|``) exceeds the smallest eigenvalue. Solutions then carry
+    a relative error of about ``|E| / jitter`` in the directions that matter, so the jitter must exceed
+    ``|E|`` by orders of magnitude, not just make the factorization succeed. The jitter acts as extra
+    damping ``jitter / m`` restricted to the span of the gradients.
 
     Args:
         matrix: shape ``(..., n, n)``, symmetric.
+        what: name of the matrix in messages.
+        entry_dtype: dtype whose rounding produced the entries (the gradients' dtype).
 
     Returns:
-        ``L`` with ``L @ L.mT == matrix (+ jitter * I)``, shape ``(..., n, n)``.
+        ``(L, jitter)`` with ``L @ L.mT == matrix + jitter * I`` (``jitter == 0.0`` when none was needed).
     """
     factor, info = torch.linalg.cholesky_ex(matrix)
-    if not bool((info != 0).any()):
-        return factor
     n = matrix.shape[-1]
-    if n == 0:
-        return factor
-    scale = matrix.diagonal(dim1=-2, dim2=-1).abs().amax().item()
+    if n == 0 or not bool((info != 0).any()):
+        return factor, 0.0
+    scale = max(matrix.diagonal(dim1=-2, dim2=-1).abs().amax().item(), 1e-300)
     eye = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
-    jitter = max(scale, 1e-300) * 1e-12
-    for _ in range(6):
+    jitter = scale * 1e3 * torch.finfo(entry_dtype).eps
+    for _ in range(8):
         factor, info = torch.linalg.cholesky_ex(matrix + jitter * eye)
         if not bool((info != 0).any()):
             warnings.warn(
                 f"{what} was not numerically positive definite (Cholesky failed); added "
-                f"{jitter:.3e} to its diagonal ({jitter / max(scale, 1e-300):.1e} of its largest "
-                "entry). The gradients are nearly collinear for this damp: consider a larger damp.",
+                f"{jitter:.3e} to its diagonal ({jitter / scale:.1e} of its largest entry). The "
+                "gradients are nearly collinear for this damp at this precision: consider a larger "
+                "damp or float64 gradients.",
                 NumericalWarning,
                 stacklevel=3,
             )
             logger.debug("safe_cholesky: jitter %.3e on %s of size %d", jitter, what, n)
-            return factor
-        jitter *= 100.0
+            return factor, jitter
+        jitter *= 10.0
     raise NotPositiveDefiniteError(
-        f"{what} of size {n} is not positive definite even with a diagonal jitter of {jitter / 100:.3e}; "
-        "are the gradients finite and damp > 0?"
+        f"{what} of size {n} is not positive definite even with a diagonal jitter of {jitter / 10:.3e}"
+        f" ({jitter / 10 / scale:.1e} of its largest entry); are the gradients finite and damp > 0?"
     )

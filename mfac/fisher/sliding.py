@@ -98,6 +98,7 @@ class SlidingInverseFisher(InverseFisher):
         self._inv = torch.zeros(ngrads, ngrads, dtype=SMALL_DTYPE, device=device)  # P = M^{-1}
         self._num_seen = 0
         self._since_refactor = 0
+        self._jitter = 0.0
 
     # ------------------------------------------------------------------ properties
     @property
@@ -126,6 +127,16 @@ class SlidingInverseFisher(InverseFisher):
         return self._m if self._average_over == "ngrads" else max(self.num_stored, 1)
 
     @property
+    def jitter(self) -> float:
+        """Diagonal jitter added to ``M`` at the last refactor (0.0 unless a breakdown was repaired)."""
+        return self._jitter
+
+    @property
+    def _shift(self) -> float:
+        """The diagonal of ``M`` beyond the Gram matrix: ``s * damp`` (+ jitter after a breakdown)."""
+        return self.scale * self._damp + self._jitter
+
+    @property
     def window(self) -> torch.Tensor:
         """The stored gradients, shape ``(n, d)`` (ring order, not chronological). Read-only view."""
         return self._grads[: self.num_stored]
@@ -143,6 +154,7 @@ class SlidingInverseFisher(InverseFisher):
         self._inv.zero_()
         self._num_seen = 0
         self._since_refactor = 0
+        self._jitter = 0.0
 
     def update(self, grad: torch.Tensor) -> None:
         """Add ``grad`` (shape ``(d,)``) as the newest gradient, dropping the oldest once full.
@@ -162,12 +174,11 @@ class SlidingInverseFisher(InverseFisher):
         """
         self._check_vector(grad, "grad")
         check_finite(grad, "grad")
-        row = self._update(grad)
-        n = self.num_stored
-        coeff = self._inv[:n, row] * self.scale  # (n,) float64
-        return coeff.to(self._dtype) @ self._grads[:n]
+        coeff = self._update(grad) * self.scale  # (n,) float64
+        return coeff.to(self._dtype) @ self._grads[: self.num_stored]
 
-    def _update(self, grad: torch.Tensor) -> int:
+    def _update(self, grad: torch.Tensor) -> torch.Tensor:
+        """Write ``grad`` into the ring, refresh Gram and ``P``; return ``c = M^{-1} e_r`` (float64, (n,))."""
         row = self._num_seen % self._m
         full_before = self._num_seen >= self._m
         old_scale = self.scale
@@ -179,57 +190,78 @@ class SlidingInverseFisher(InverseFisher):
         self._gram[row, :n] = col
         self._gram[:n, row] = col
         if full_before and self.scale == old_scale and self._since_refactor < self._m:
-            if self._replace_row(row):
+            coeff = self._replace_row(row)
+            if coeff is not None:
                 self._since_refactor += 1
-                return row
+                return coeff
         self._refactor()
-        return row
+        return self._refined_column(row)[0]
 
-    def _system(self) -> torch.Tensor:
-        """``M = s damp I + G G^T`` over the stored rows, float64, shape ``(n, n)``."""
+    def _system(self, jitter: float = 0.0) -> torch.Tensor:
+        """``M = s damp I + G G^T (+ jitter I)`` over the stored rows, float64, shape ``(n, n)``."""
         n = self.num_stored
         system = self._gram[:n, :n].clone()
-        system.diagonal().add_(self.scale * self._damp)
+        system.diagonal().add_(self.scale * self._damp + jitter)
         return system
+
+    def _factor(self) -> torch.Tensor:
+        """Cholesky factor of ``M`` (float64); records the jitter a breakdown needed."""
+        factor, self._jitter = safe_cholesky(
+            self._system(), what="m x m system s*damp*I + G G^T", entry_dtype=self._dtype
+        )
+        return factor
 
     def _refactor(self) -> None:
         n = self.num_stored
-        factor = safe_cholesky(self._system(), what="m x m system s*damp*I + G G^T")
+        factor = self._factor()
         self._inv.zero_()
         self._inv[:n, :n] = torch.cholesky_inverse(factor)
         self._since_refactor = 0
 
-    def _replace_row(self, row: int) -> bool:
-        """Update ``P = M^{-1}`` for a new row/column ``row`` of ``M`` in O(m^2); False if unstable.
+    def _refined_column(self, row: int) -> tuple[torch.Tensor, float]:
+        """``c = M^{-1} e_r`` from ``P`` plus one step of iterative refinement, and the relative residual.
+
+        ``r = e_r - M c0`` costs one O(n^2) product; ``c = c0 + P r`` removes most of the error that
+        ``P`` carries (the forward error of ``c0`` is up to cond(M) times ``P``'s backward error).
+        """
+        n = self.num_stored
+        inv = self._inv[:n, :n]
+        shift = self._shift
+        c0 = inv[:, row]
+        resid = torch.mv(self._gram[:n, :n], c0).add_(c0, alpha=shift).neg_()
+        resid[row] += 1.0
+        norm_m = self._gram.diagonal()[:n].amax().item() + shift
+        rel = resid.abs().amax().item() / (norm_m * c0.abs().amax().item())
+        return c0 + inv @ resid, rel
+
+    def _replace_row(self, row: int) -> torch.Tensor | None:
+        """Update ``P = M^{-1}`` for a new row/column ``row`` of ``M`` in O(m^2).
 
         Remove: ``P' = P - p p^T / p_rr`` (``p = P e_r``) is the inverse of ``M`` without row/column
         ``row``, embedded with zeros. Add: with ``b`` the new column without its diagonal entry ``v_r``,
         ``u = P' b``, the Schur complement ``sigma = v_r - b^T u`` and ``w = u - e_r``, the new inverse is
-        ``P' + w w^T / sigma``.
+        ``P' + w w^T / sigma``. Returns the refined ``c = M^{-1} e_r``, or ``None`` when a pivot is not
+        clearly positive or the residual of ``c`` is above tolerance (the caller then refactors).
         """
         inv = self._inv
         pivot = inv[row, row].item()
         if not pivot > 0.0:
-            return False
+            return None
         p = inv[:, row].clone()
         inv.addr_(p, p, alpha=-1.0 / pivot)
         inv[row, :] = 0.0
         inv[:, row] = 0.0
         col = self._gram[:, row].clone()
-        diag = col[row].item() + self.scale * self._damp
+        diag = col[row].item() + self._shift
         col[row] = 0.0
         u = inv @ col
         sigma = diag - torch.dot(col, u).item()
         if not sigma > 1e-13 * diag:
-            return False
+            return None
         u[row] = -1.0
         inv.addr_(u, u, alpha=1.0 / sigma)
-        # residual check of the column the step uses: |M c - e_r| relative to |M| |c|
-        c = inv[:, row]
-        resid = self._gram @ c + self.scale * self._damp * c
-        resid[row] -= 1.0
-        bound = _RESIDUAL_TOL * (self._gram.diagonal().amax().item() + self.scale * self._damp)
-        return resid.abs().amax().item() <= bound * c.abs().amax().item() + _RESIDUAL_TOL
+        coeff, rel = self._refined_column(row)
+        return coeff if rel <= _RESIDUAL_TOL else None
 
     # ------------------------------------------------------------------ hooks
     def _reduce(self, partial: torch.Tensor) -> None:
@@ -252,16 +284,12 @@ class SlidingInverseFisher(InverseFisher):
         coeff = (self._inv[:n, :n] @ proj).to(self._dtype)  # (n, k)
         return torch.addmm(x, coeff.T, window, alpha=-1.0).div_(self._damp)
 
-    def _factor_rows(self) -> tuple[torch.Tensor, int]:
-        n = self.num_stored
-        return safe_cholesky(self._system(), what="m x m system s*damp*I + G G^T"), n
-
     def _diag(self) -> torch.Tensor:
         n = self.num_stored
         out = torch.full((self._dim,), 1.0 / self._damp, dtype=self._dtype, device=self._device)
         if n == 0:
             return out
-        factor, _ = self._factor_rows()
+        factor, _ = safe_cholesky(self._system(self._jitter), what="m x m system", entry_dtype=self._dtype)
         factor = factor.to(self._dtype)
         for start in range(0, self._dim, self._chunk):
             sl = slice(start, start + self._chunk)
@@ -288,6 +316,7 @@ class SlidingInverseFisher(InverseFisher):
             "average_over": self._average_over,
             "num_seen": self._num_seen,
             "since_refactor": self._since_refactor,
+            "jitter": self._jitter,
             "grads": self._grads,
             "gram": self._gram,
             "inv": self._inv,
@@ -314,3 +343,4 @@ class SlidingInverseFisher(InverseFisher):
         self._inv.copy_(state["inv"])
         self._num_seen = int(state["num_seen"])
         self._since_refactor = int(state["since_refactor"])
+        self._jitter = float(state.get("jitter", 0.0))

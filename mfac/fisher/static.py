@@ -87,6 +87,8 @@ class StaticInverseFisher(InverseFisher):
         self._nblocks = math.ceil(d / block)
         self._pad = self._nblocks * block - d
         self._chunk = check_positive_int(chunk, "chunk")
+        #: diagonal jitter the m x m Cholesky needed (0.0 normally; see ``safe_cholesky``).
+        self.jitter = 0.0
         if m == 0:
             self.route = "empty"
         elif block <= m:
@@ -119,7 +121,7 @@ class StaticInverseFisher(InverseFisher):
             g64 = self._blocked(cols, stop - start).to(SMALL_DTYPE)  # (nbc, m, B)
             fisher = torch.baddbmm(eye.expand(stop - start, block, block), g64.mT, g64,
                                    beta=self._damp, alpha=1.0 / m)
-            factor = safe_cholesky(fisher, what="Fisher block")
+            factor, _ = safe_cholesky(fisher, what="Fisher block", entry_dtype=self._dtype)
             out[start:stop] = torch.cholesky_inverse(factor).to(self._dtype)
         return out
 
@@ -134,7 +136,10 @@ class StaticInverseFisher(InverseFisher):
             in_place = True  # ``work`` is our own copy
         gram = accumulated_matmul(work, work.mT, chunk=self._chunk)  # (nb, m, m) float64
         gram.diagonal(dim1=-2, dim2=-1).add_(m * self._damp)
-        factor = safe_cholesky(gram, what="m x m system m*damp*I + G G^T").to(self._dtype)
+        factor, self.jitter = safe_cholesky(
+            gram, what="m x m system m*damp*I + G G^T", entry_dtype=self._dtype
+        )
+        factor = factor.to(self._dtype)
         del gram
         if not in_place:
             return torch.linalg.solve_triangular(factor, work, upper=False)

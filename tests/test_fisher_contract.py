@@ -1,0 +1,164 @@
+"""One contract suite, run over every inverse-Fisher operator against the dense float64 reference.
+
+Each operator class says only how to build itself from gradients (``build``) and which explicit
+``F^{-1}`` it must equal (``reference``); every property below is checked for all of them, with
+hypothesis drawing m, d, damp (1e-8 .. 1e2), gradient scale and conditioning.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mfac
+from references import block_diagonal_inverse, dense_inverse, rel_err
+
+TOL = 1e-9  # relative (max-norm) error allowed against the dense float64 reference
+
+
+@st.composite
+def problems(draw, min_m: int = 0, max_m: int = 10, max_d: int = 24):
+    """(grads, damp): float64 gradient rows with a drawn scale and a shared component (correlation)."""
+    m = draw(st.integers(min_m, max_m))
+    d = draw(st.integers(1, max_d))
+    damp = 10.0 ** draw(st.floats(-8, 2))
+    scale = 10.0 ** draw(st.floats(-3, 2))
+    shared = draw(st.floats(0.0, 0.99))  # 0: independent rows, ->1: nearly collinear rows
+    # Error model of the Woodbury forms in float64: the relative error of F^{-1} x is about
+    # eps * r (d > m: F^{-1} has a null-space part 1/damp that dominates) and eps * r^2 (d <= m), with
+    # r = |g|^2 / damp the curvature-to-damping ratio. Cap r so that both stay below TOL / 10; damp
+    # itself still spans 1e-8 .. 1e2 (the gradient scale adapts).
+    cap = 1e6 if d > m else 1e3
+    ratio = scale * scale * d / damp
+    if ratio > cap:
+        scale *= math.sqrt(cap / ratio)
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    noise = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    common = torch.randn(1, d, generator=gen, dtype=torch.float64)
+    grads = scale * (math.sqrt(1 - shared**2) * noise + shared * common)
+    return grads, damp
+
+
+class OperatorContract:
+    """Subclasses implement ``build(grads, damp) -> (operator, dense F^{-1})``."""
+
+    min_m = 0
+
+    def build(self, grads, damp, data):
+        raise NotImplementedError
+
+    @given(problem=problems(), data=st.data())
+    def test_mul_vector_and_rows(self, problem, data):
+        grads, damp = problem
+        if grads.shape[0] < self.min_m:
+            return
+        op, ref = self.build(grads, damp, data)
+        d = grads.shape[1]
+        x = torch.randn(3, d, dtype=torch.float64)
+        assert rel_err(op.mul(x), x @ ref) <= TOL
+        y = op.mul(x[0])
+        assert y.shape == (d,)
+        assert rel_err(y, ref @ x[0]) <= TOL
+
+    @given(problem=problems(), data=st.data())
+    def test_diag(self, problem, data):
+        grads, damp = problem
+        if grads.shape[0] < self.min_m:
+            return
+        op, ref = self.build(grads, damp, data)
+        assert op.diag().shape == (grads.shape[1],)
+        assert rel_err(op.diag(), ref.diagonal()) <= TOL
+
+    @given(problem=problems(), data=st.data())
+    def test_submatrix(self, problem, data):
+        grads, damp = problem
+        if grads.shape[0] < self.min_m:
+            return
+        op, ref = self.build(grads, damp, data)
+        d = grads.shape[1]
+        idx = torch.tensor(data.draw(st.lists(st.integers(0, d - 1), min_size=1, max_size=8)))
+        sub = op.submatrix(idx)
+        assert sub.shape == (len(idx), len(idx))
+        assert rel_err(sub, ref[idx][:, idx]) <= TOL
+
+    @given(problem=problems(max_d=12), data=st.data())
+    def test_to_dense_and_scipy_view(self, problem, data):
+        grads, damp = problem
+        if grads.shape[0] < self.min_m:
+            return
+        op, ref = self.build(grads, damp, data)
+        assert rel_err(op.to_dense(), ref) <= TOL
+        lin = op.to_scipy()
+        x = torch.randn(grads.shape[1], dtype=torch.float64)
+        assert rel_err(torch.from_numpy(lin @ x.numpy()), ref @ x) <= TOL
+
+    def test_float32_operator_is_float32(self):
+        grads = torch.randn(6, 10)
+        op, _ = self.build(grads.double(), 1e-1, None)
+        op32, _ = self.build(grads, 1e-1, None)
+        x = torch.randn(10)
+        y = op32.mul(x)
+        assert y.dtype == torch.float32
+        assert rel_err(y, op.mul(x.double())) <= 1e-5
+        with pytest.raises(TypeError, match="dtype"):
+            op32.mul(x.double())
+
+
+class TestDense(OperatorContract):
+    def build(self, grads, damp, data):
+        return mfac.DenseInverseFisher(grads, damp), dense_inverse(grads, damp)
+
+
+class TestStaticFull(OperatorContract):
+    def build(self, grads, damp, data):
+        return mfac.StaticInverseFisher(grads, damp), dense_inverse(grads, damp)
+
+
+class TestStaticBlocks(OperatorContract):
+    """Block-diagonal: both routes (direct B <= m, Woodbury B > m) and a shorter last block."""
+
+    def build(self, grads, damp, data):
+        d = grads.shape[1]
+        block = data.draw(st.integers(1, d)) if data is not None else max(1, d // 3)
+        op = mfac.StaticInverseFisher(grads, damp, block_size=block)
+        return op, block_diagonal_inverse(grads, damp, block)
+
+
+class TestSlidingAfterWraps(OperatorContract):
+    """Sliding window after several full wrap-arounds equals the dense inverse of the last m rows."""
+
+    min_m = 1
+
+    def build(self, grads, damp, data):
+        m, d = grads.shape
+        wraps = data.draw(st.integers(0, 3)) if data is not None else 2
+        extra = data.draw(st.integers(0, m)) if data is not None else 1
+        gen = torch.Generator().manual_seed(m * 1000 + d)
+        scale = grads.abs().max().item() or 1.0
+        older = scale * torch.randn(wraps * m + extra, d, generator=gen, dtype=grads.dtype)
+        op = mfac.SlidingInverseFisher(d, m, damp, dtype=grads.dtype)
+        for g in torch.cat([older, grads]):
+            op.update(g)
+        return op, dense_inverse(grads, damp)
+
+
+class TestSlidingUpdateMul:
+    """``update_mul`` returns F^{-1} g for the window that includes g, at every step of a long stream."""
+
+    @given(problem=problems(min_m=1, max_m=8), average_over=st.sampled_from(["seen", "ngrads"]))
+    def test_stream(self, problem, average_over):
+        grads, damp = problem
+        m, d = grads.shape
+        stream = torch.cat([grads, grads.flip(0), grads * 0.5, grads])  # 4 m steps: 3 wraps
+        op = mfac.SlidingInverseFisher(d, m, damp, dtype=torch.float64, average_over=average_over)
+        for t, g in enumerate(stream):
+            window = stream[max(0, t + 1 - m) : t + 1]
+            scale = m if average_over == "ngrads" else window.shape[0]
+            expected = dense_inverse(window, damp, scale) @ g
+            assert rel_err(op.update_mul(g), expected) <= TOL, f"step {t}"
+            assert op.num_stored == window.shape[0]
+            assert op.num_seen == t + 1

@@ -1,0 +1,154 @@
+"""Reductions to known cases, float32 accuracy, checkpoint round trips and breakdown recovery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mfac
+from references import dense_inverse, rel_err
+
+
+def test_empty_window_is_x_over_damp():
+    x = torch.randn(2, 7, dtype=torch.float64)
+    sliding = mfac.SlidingInverseFisher(7, 4, 0.3, dtype=torch.float64)
+    static = mfac.StaticInverseFisher(torch.zeros(0, 7, dtype=torch.float64), 0.3)
+    for op in (sliding, static):
+        torch.testing.assert_close(op.mul(x), x / 0.3, rtol=0, atol=0)
+        torch.testing.assert_close(op.diag(), torch.full((7,), 1 / 0.3, dtype=torch.float64))
+    assert sliding.num_stored == 0
+
+
+@pytest.mark.parametrize("average_over", ["seen", "ngrads"])
+def test_one_gradient_is_sherman_morrison(average_over):
+    # F = damp I + g g^T / s  =>  F^{-1} x = x/damp - g (g.x) / (damp (s damp + |g|^2))
+    torch.manual_seed(0)
+    d, m, damp = 11, 5, 0.05
+    g, x = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    s = 1 if average_over == "seen" else m
+    expected_x = x / damp - g * (g @ x) / (damp * (s * damp + g @ g))
+    expected_g = g / (damp + (g @ g) / s)
+    op = mfac.SlidingInverseFisher(d, m, damp, dtype=torch.float64, average_over=average_over)
+    assert rel_err(op.update_mul(g), expected_g) <= 1e-13
+    assert rel_err(op.mul(x), expected_x) <= 1e-13
+    static = mfac.StaticInverseFisher(g[None], damp)
+    assert rel_err(static.mul(x), x / damp - g * (g @ x) / (damp * (damp + g @ g))) <= 1e-13
+
+
+def test_static_equals_sliding_after_one_fill():
+    torch.manual_seed(1)
+    m, d, damp = 6, 20, 1e-3
+    grads = torch.randn(m, d, dtype=torch.float64)
+    sliding = mfac.SlidingInverseFisher(d, m, damp, dtype=torch.float64)
+    for g in grads:
+        sliding.update(g)
+    static = mfac.StaticInverseFisher(grads, damp)
+    x = torch.randn(3, d, dtype=torch.float64)
+    assert rel_err(sliding.mul(x), static.mul(x)) <= 1e-10
+    assert rel_err(sliding.diag(), static.diag()) <= 1e-10
+    idx = torch.tensor([0, 5, 19])
+    assert rel_err(sliding.submatrix(idx), static.submatrix(idx)) <= 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_state_dict_round_trip_continues_bit_for_bit(dtype):
+    torch.manual_seed(2)
+    d, m = 30, 4
+    stream = torch.randn(23, d, dtype=dtype)
+    a = mfac.SlidingInverseFisher(d, m, 1e-4, dtype=dtype)
+    for g in stream[:10]:
+        a.update(g)
+    state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in a.state_dict().items()}
+    b = mfac.SlidingInverseFisher(d, m, 1e-4, dtype=dtype)
+    b.load_state_dict(state)
+    for g in stream[10:]:
+        assert torch.equal(a.update_mul(g), b.update_mul(g))
+    x = torch.randn(d, dtype=dtype)
+    assert torch.equal(a.mul(x), b.mul(x))
+    assert a.num_seen == b.num_seen == 23
+
+
+def test_load_state_dict_restores_dtype_even_from_cast_state():
+    a = mfac.SlidingInverseFisher(5, 3, 1e-2, dtype=torch.float32)
+    for _ in range(4):
+        a.update(torch.randn(5))
+    state = a.state_dict()
+    cast = {k: (v.to(torch.bfloat16) if k == "grads" else v) for k, v in state.items()}
+    cast["gram"] = state["gram"].float()  # as torch.optim would cast to a float32 parameter
+    b = mfac.SlidingInverseFisher(5, 3, 1e-2, dtype=torch.float32)
+    b.load_state_dict(cast)
+    assert b.window.dtype == torch.float32 and b.state_dict()["gram"].dtype == torch.float64
+
+
+def test_load_state_dict_rejects_other_settings():
+    a = mfac.SlidingInverseFisher(5, 3, 1e-2)
+    b = mfac.SlidingInverseFisher(5, 4, 1e-2)
+    with pytest.raises(ValueError, match="ngrads=3, this operator ngrads=4"):
+        b.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("m,d", [(8, 5000), (32, 20000)])
+def test_float32_update_mul_accuracy(m, d):
+    """Guaranteed here: float32 ``update_mul`` within 1e-5 (max-norm relative) of float64 truth for
+    independent gradients, damp 1e-2 .. 1e-8, after wrap-around (see the benchmark for larger sizes)."""
+    torch.manual_seed(3)
+    for damp in (1e-2, 1e-5, 1e-8):
+        w32 = mfac.SlidingInverseFisher(d, m, damp, dtype=torch.float32)
+        w64 = mfac.SlidingInverseFisher(d, m, damp, dtype=torch.float64)
+        for _ in range(m + m // 2):
+            g = torch.randn(d)
+            y32, y64 = w32.update_mul(g), w64.update_mul(g.double())
+        assert rel_err(y32, y64) <= 1e-5, damp
+
+
+def test_paper_form_cancels_but_update_mul_does_not():
+    """The generic form (x - G^T P G x)/damp loses digits for x in the window; update_mul does not."""
+    torch.manual_seed(4)
+    m, d, damp = 16, 4000, 1e-6
+    w32 = mfac.SlidingInverseFisher(d, m, damp, dtype=torch.float32)
+    w64 = mfac.SlidingInverseFisher(d, m, damp, dtype=torch.float64)
+    for _ in range(m + 3):
+        g = torch.randn(d)
+        fast, truth = w32.update_mul(g), w64.update_mul(g.double())
+    generic = w32.mul(g)
+    assert rel_err(fast, truth) <= 1e-5
+    assert rel_err(generic, truth) > 10 * rel_err(fast, truth)
+
+
+def test_repeated_float32_gradients_recover_with_warning():
+    """Identical gradients, tiny damp: the float32 Gram is indefinite; jitter + warning, never NaN."""
+    torch.manual_seed(5)
+    d, m = 50000, 16
+    g = torch.randn(d)
+    op = mfac.SlidingInverseFisher(d, m, 1e-5, dtype=torch.float32)
+    with pytest.warns(mfac.NumericalWarning, match="not numerically positive definite"):
+        for _ in range(2 * m):
+            y = op.update_mul(g)
+    assert torch.isfinite(y).all()
+    # all-identical window: F^{-1} g = g / (damp + |g|^2); float32 rounding of the Gram matrix limits
+    # the accuracy in this regime to about |E| / jitter ~ 1e-2 (see safe_cholesky), not garbage.
+    expected = g.double() / (1e-5 + g.double() @ g.double())
+    assert rel_err(y, expected) <= 5e-2
+    assert torch.nn.functional.cosine_similarity(y.double(), expected, dim=0) > 0.999
+    assert op.jitter > 0
+
+
+def test_static_block_routes_agree_with_each_other():
+    torch.manual_seed(6)
+    grads = torch.randn(10, 37, dtype=torch.float64)
+    direct = mfac.StaticInverseFisher(grads, 1e-2, block_size=8)  # B <= m: direct inverse
+    woodbury = mfac.StaticInverseFisher(grads, 1e-2, block_size=13)  # B > m: Woodbury
+    assert direct.route == "direct" and woodbury.route == "woodbury"
+    assert direct.num_blocks == 5 and woodbury.num_blocks == 3  # last blocks shorter
+
+
+def test_overwrite_reuses_input_memory():
+    torch.manual_seed(7)
+    grads = torch.randn(6, 40, dtype=torch.float64)
+    keep = grads.clone()
+    op = mfac.StaticInverseFisher(grads, 1e-2, overwrite=True)
+    assert op._q.data_ptr() == grads.data_ptr()  # the factor lives in the input's memory
+    x = torch.randn(40, dtype=torch.float64)
+    assert rel_err(op.mul(x), dense_inverse(keep, 1e-2) @ x) <= 1e-10
+    op2 = mfac.StaticInverseFisher(keep, 1e-2)  # default: input untouched
+    assert op2._q.data_ptr() != keep.data_ptr()
