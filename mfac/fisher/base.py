@@ -144,6 +144,11 @@ class InverseFisher(abc.ABC):
         return idx.to(device=self._device, dtype=torch.long)
 
     # ------------------------------------------------------------------ hooks
+    def _reduce(self, partial: torch.Tensor) -> None:
+        """Sum, in place, partial contractions over the ``d`` coordinates (``G x``, ``G G^T``) across
+        shards. The identity on one process; sharded operators (``mfac.distributed``) all-reduce here.
+        Only ``m``-sized vectors and ``m x m`` matrices ever pass through it."""
+
     @abc.abstractmethod
     def _mul(self, x: torch.Tensor) -> torch.Tensor:
         """``F^{-1}`` applied to each row of ``x`` (shape ``(k, d)``, canonical dtype/device)."""

@@ -264,9 +264,6 @@ class SlidingInverseFisher(InverseFisher):
         return coeff if rel <= _RESIDUAL_TOL else None
 
     # ------------------------------------------------------------------ hooks
-    def _reduce(self, partial: torch.Tensor) -> None:
-        """Sum partial products ``G x`` over shards (identity on one process)."""
-
     def _check_vector(self, vec: torch.Tensor, name: str) -> None:
         if not isinstance(vec, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(vec).__name__}")

@@ -135,6 +135,7 @@ class StaticInverseFisher(InverseFisher):
             work.copy_(self._blocked(grads, self._nblocks))
             in_place = True  # ``work`` is our own copy
         gram = accumulated_matmul(work, work.mT, chunk=self._chunk)  # (nb, m, m) float64
+        self._reduce(gram)
         gram.diagonal(dim1=-2, dim2=-1).add_(m * self._damp)
         factor, self.jitter = safe_cholesky(
             gram, what="m x m system m*damp*I + G G^T", entry_dtype=self._dtype
@@ -194,6 +195,7 @@ class StaticInverseFisher(InverseFisher):
         if self.route == "direct":
             return self._from_blocks(self._inv_blocks @ xb)
         coeff = self._q @ xb  # (nb, m, k)
+        self._reduce(coeff)
         yb = torch.baddbmm(xb, self._q.mT, coeff, alpha=-1.0).div_(self._damp)
         return self._from_blocks(yb)
 
