@@ -134,7 +134,9 @@ class StaticInverseFisher(InverseFisher):
             work = allocate((self._nblocks, m, self._block), self._dtype, self._device, "blocked factor Q")
             work.copy_(self._blocked(grads, self._nblocks))
             in_place = True  # ``work`` is our own copy
-        gram = accumulated_matmul(work, work.mT, chunk=self._chunk)  # (nb, m, m) float64
+        # one block: 2-D BLAS calls on the (m, d) matrix itself (batched calls are slower on CPU)
+        flat = work[0] if self._nblocks == 1 else work
+        gram = accumulated_matmul(flat, flat.mT, chunk=self._chunk)  # (nb?, m, m) float64
         self._reduce(gram)
         gram.diagonal(dim1=-2, dim2=-1).add_(m * self._damp)
         factor, self.jitter = safe_cholesky(
@@ -143,22 +145,25 @@ class StaticInverseFisher(InverseFisher):
         factor = factor.to(self._dtype)
         del gram
         if not in_place:
-            return torch.linalg.solve_triangular(factor, work, upper=False)
-        self._solve_in_place(factor, work)
+            return torch.linalg.solve_triangular(factor, flat, upper=False).unsqueeze(0)
+        self._solve_in_place(factor, flat)
         return work
 
     def _solve_in_place(self, factor: torch.Tensor, work: torch.Tensor) -> None:
-        """``work <- L^{-1} work`` in slabs, so that only one slab of extra memory is live."""
-        nb, m, width = work.shape
-        if nb > 1:
+        """``work <- L^{-1} work`` in slabs, so that only one slab of extra memory is live.
+
+        ``work`` is ``(m, d)`` (one block: slabs of columns) or ``(nb, m, B)`` (slabs of blocks).
+        """
+        if work.dim() == 3:
+            nb, width = work.shape[0], work.shape[-1]
             per = max(1, (self._chunk * 16) // max(width, 1))  # about 16 * chunk columns a slab
             for start in range(0, nb, per):
                 sl = slice(start, start + per)
                 work[sl] = torch.linalg.solve_triangular(factor[sl], work[sl], upper=False)
         else:
-            for start in range(0, width, self._chunk):
+            for start in range(0, work.shape[-1], self._chunk):
                 sl = slice(start, start + self._chunk)
-                work[..., sl] = torch.linalg.solve_triangular(factor, work[..., sl], upper=False)
+                work[:, sl] = torch.linalg.solve_triangular(factor, work[:, sl], upper=False)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -194,6 +199,11 @@ class StaticInverseFisher(InverseFisher):
         xb = self._to_blocks(x)
         if self.route == "direct":
             return self._from_blocks(self._inv_blocks @ xb)
+        if self._nblocks == 1:  # 2-D BLAS: two passes over Q, (m, k) in between
+            q = self._q[0]
+            coeff = q @ x.T  # (m, k)
+            self._reduce(coeff)
+            return torch.addmm(x, coeff.T, q, alpha=-1.0).div_(self._damp)
         coeff = self._q @ xb  # (nb, m, k)
         self._reduce(coeff)
         yb = torch.baddbmm(xb, self._q.mT, coeff, alpha=-1.0).div_(self._damp)
