@@ -91,7 +91,7 @@ class StaticInverseFisher(InverseFisher):
         self.jitter = 0.0
         if m == 0:
             self.route = "empty"
-        elif block <= m:
+        elif self._use_direct_route(block, m):
             self.route = "direct"
             self._inv_blocks = self._build_direct(grads)  # shape: (nb, B, B)
         else:
@@ -99,6 +99,14 @@ class StaticInverseFisher(InverseFisher):
             self._q = self._build_woodbury(grads, overwrite)  # shape: (nb, m, B)
 
     # ------------------------------------------------------------------ build
+    def _use_direct_route(self, block: int, m: int) -> bool:
+        """Whether blocks are inverted directly (``B <= m``) rather than through Woodbury.
+
+        A hook: the sharded full operator (:mod:`mfac.distributed`) always takes Woodbury, whose only
+        contractions over the (sharded) ``d`` coordinates are ``m``-sized (``G G^T``, ``Q x``).
+        """
+        return block <= m
+
     def _blocked(self, cols: torch.Tensor, nblocks: int) -> torch.Tensor:
         """``(m, c)`` column slab -> ``(nblocks, m, B)`` zero-padded block view/copy."""
         m = cols.shape[0]
