@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     section(f"2. Speed against the BLAS floor ({torch.get_num_threads()} threads, float32)", rows,
             {"time_ms": ".1f", "floor_ms": ".1f", "ratio": ".2f"})
 
-    from experiments import _demo_train_prune  # noqa: PLC0415  (heavy imports only when needed)
+    from experiments import _demo_train_prune
 
     results.update(_demo_train_prune.run(args.out, quick=args.quick, section=section))
 

@@ -121,7 +121,7 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | 
 
 
 def accumulated_matmul(a: torch.Tensor, b: torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """``a @ b`` contracted over the last dim of ``a``, accumulated in float64, in one pass.
+    """Return ``a @ b`` (contracting the last dim of ``a``) accumulated in float64, in one pass.
 
     Args:
         a: shape ``(..., m, d)``.

@@ -13,9 +13,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from references import block_diagonal_inverse, dense_inverse, rel_err
 
 import mfac
-from references import block_diagonal_inverse, dense_inverse, rel_err
 
 TOL = 1e-9  # relative (max-norm) error allowed against the dense float64 reference
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from references import dense_inverse, rel_err
 
 import mfac
-from references import dense_inverse, rel_err
 
 
 def test_empty_window_is_x_over_damp():

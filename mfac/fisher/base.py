@@ -46,7 +46,7 @@ class InverseFisher(abc.ABC):
 
     @property
     def dtype(self) -> torch.dtype:
-        """dtype of the vectors the operator takes and returns (the gradients' dtype)."""
+        """Dtype of the vectors the operator takes and returns (the gradients' dtype)."""
         return self._dtype
 
     @property
@@ -106,7 +106,7 @@ class InverseFisher(abc.ABC):
         return self._mul(eye)
 
     def to_scipy(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` view (float64 numpy in and out), for ``eigsh`` etc.
+        """Return a ``scipy.sparse.linalg.LinearOperator`` view (float64 numpy in and out).
 
         The view is symmetric (``rmatvec == matvec``); it computes in the operator's dtype and device.
         """
@@ -144,10 +144,12 @@ class InverseFisher(abc.ABC):
         return idx.to(device=self._device, dtype=torch.long)
 
     # ------------------------------------------------------------------ hooks
-    def _reduce(self, partial: torch.Tensor) -> None:
-        """Sum, in place, partial contractions over the ``d`` coordinates (``G x``, ``G G^T``) across
-        shards. The identity on one process; sharded operators (``mfac.distributed``) all-reduce here.
-        Only ``m``-sized vectors and ``m x m`` matrices ever pass through it."""
+    def _reduce(self, partial: torch.Tensor) -> None:  # noqa: B027  (a hook with a no-op default)
+        """Sum partial contractions over the ``d`` coordinates (``G x``, ``G G^T``) across shards.
+
+        In place. The identity on one process; sharded operators (``mfac.distributed``) all-reduce here.
+        Only ``m``-sized vectors and ``m x m`` matrices ever pass through it.
+        """
 
     @abc.abstractmethod
     def _mul(self, x: torch.Tensor) -> torch.Tensor:

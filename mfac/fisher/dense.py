@@ -37,6 +37,7 @@ class DenseInverseFisher(InverseFisher):
 
     @property
     def ngrads(self) -> int:
+        """``m``: the number of gradient rows."""
         return self._ngrads
 
     def _mul(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,4 +50,5 @@ class DenseInverseFisher(InverseFisher):
         return self.matrix[idx][:, idx]
 
     def to_dense(self) -> torch.Tensor:
+        """Return a copy of the explicit ``F^{-1}``, shape ``(d, d)``."""
         return self.matrix.clone()

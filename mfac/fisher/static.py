@@ -176,6 +176,7 @@ class StaticInverseFisher(InverseFisher):
     # ------------------------------------------------------------------ properties
     @property
     def ngrads(self) -> int:
+        """``m``: the number of gradient rows."""
         return self._ngrads
 
     @property
