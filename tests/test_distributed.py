@@ -503,40 +503,59 @@ def _single_trajectory(data, lr, m, damp) -> list[torch.Tensor]:
     return out
 
 
-@scenario
-def ddp_trajectory(ctx: Ctx) -> None:
-    """DDP: every rank has the averaged gradient, keeps its slice, all-gathers the step (ZeRO-1).
-
-    DDP's contract (the gradient all-reduced and averaged over ranks in backward) is reproduced with
-    one ``all_reduce`` per parameter: constructing ``DistributedDataParallel`` would import
-    ``torch._dynamo`` (about 8 CPU-seconds per process), which this 2-core CI cannot afford.
-    """
-    R, rank = ctx.world, ctx.rank
-    lr, m, damp, steps, batch = 0.1, 4, 1e-2, 20, 6 * R
-    data = _data(steps, batch)
-    expected = _single_trajectory(data, lr, m, damp)
-    model = _mlp(0)
+def _placement_trajectory(model, placement, data, rank, R, lr, m, damp, ddp, expected):
+    """SGD along the M-FAC direction, the way ``mfac.optim`` drives a :class:`DistributedWindow`."""
     params = list(model.parameters())
-    d = sum(p.numel() for p in params)
-    spec = ShardSpec.even(d, rank, R)
-    window = ShardedSlidingInverseFisher(spec, m, damp)
+    window = None
     worst = 0.0
     for t, (x, y) in enumerate(data):
-        part = slice(rank * batch // R, (rank + 1) * batch // R)
+        part = slice(rank * x.shape[0] // R, (rank + 1) * x.shape[0] // R)
         model.zero_grad()
         torch.nn.functional.mse_loss(model(x[part]), y[part]).backward()
-        for p in params:  # what DDP's backward hook does
-            torch.distributed.all_reduce(p.grad)
-            p.grad.div_(R)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        step = gather_full(window.update_mul(spec.take(flat)), spec)
-        with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(
-                torch.nn.utils.parameters_to_vector(params) - lr * step, params
+        if ddp:
+            # DDP's contract (gradients all-reduced and averaged in backward), one all_reduce per
+            # parameter: constructing DistributedDataParallel would import torch._dynamo (about 8
+            # CPU-seconds per process), which this 2-core CI cannot afford.
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(R)
+        flat = torch.cat([placement.local(p.grad).reshape(-1) for p in params])
+        if window is None:
+            window = placement.new_fisher(
+                flat.numel(), m, damp, params=params, dtype=flat.dtype, device=flat.device
             )
-        now = torch.nn.utils.parameters_to_vector(params).detach()
+        assert placement.all_finite(flat)
+        step = placement.update_mul(window, flat)
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                mine = placement.local(p)  # shares storage with the (D)Tensor parameter
+                mine.add_(step[offset : offset + mine.numel()].view_as(mine), alpha=-lr)
+                offset += mine.numel()
+        assert offset == step.numel()
+        if ddp:
+            now = torch.nn.utils.parameters_to_vector(params).detach()
+        else:
+            now = torch.cat([p.full_tensor().reshape(-1) for p in params]).detach()  # test only
         worst = max(worst, float((now - expected[t]).norm() / expected[t].norm()))
+    return window, worst
+
+
+@scenario
+def ddp_trajectory(ctx: Ctx) -> None:
+    """DDP: every rank has the averaged gradient, keeps its slice, all-gathers the step (ZeRO-1)."""
+    from mfac.distributed import DistributedWindow
+
+    R = ctx.world
+    lr, m, damp, steps = 0.1, 4, 1e-2, 20
+    data = _data(steps, 6 * R)
+    expected = _single_trajectory(data, lr, m, damp)
+    placement = DistributedWindow()
+    window, worst = _placement_trajectory(
+        _mlp(0), placement, data, ctx.rank, R, lr, m, damp, True, expected
+    )
     assert worst < 1e-6, worst
+    assert placement.mode == "replicated" and window.global_dim == expected[0].numel()
     assert window.comm.allreduce_calls == steps and window.comm.allreduce_max_numel == m
 
 
@@ -545,33 +564,22 @@ def fsdp_trajectory(ctx: Ctx) -> None:
     """FSDP2 (fully_shard): each rank keeps its local parameter shards; nothing d-sized moves."""
     from torch.distributed.fsdp import fully_shard
 
-    R, rank = ctx.world, ctx.rank
-    lr, m, damp, steps, batch = 0.1, 4, 1e-2, 20, 6 * R
-    data = _data(steps, batch)
+    from mfac.distributed import DistributedWindow
+
+    R = ctx.world
+    lr, m, damp, steps = 0.1, 4, 1e-2, 20
+    data = _data(steps, 6 * R)
     expected = _single_trajectory(data, lr, m, damp)
     model = _mlp(0)
     fully_shard(model)  # 10 and 3 rows over R ranks: uneven shards, some of size 1
-    params = list(model.parameters())
-    local = local_flat([p for p in params])
-    spec = ShardSpec.from_local_size(local.numel())
-    assert spec.dim == sum(p.numel() for p in params)
-    window = ShardedSlidingInverseFisher(spec, m, damp)
-    worst = 0.0
-    for t, (x, y) in enumerate(data):
-        part = slice(rank * batch // R, (rank + 1) * batch // R)
-        model.zero_grad()
-        torch.nn.functional.mse_loss(model(x[part]), y[part]).backward()
-        step = window.update_mul(local_flat([p.grad for p in params]))
-        offset = 0
-        with torch.no_grad():
-            for p in params:
-                shard = local_tensor(p)  # shares storage with the DTensor parameter
-                shard.add_(step[offset : offset + shard.numel()].view_as(shard), alpha=-lr)
-                offset += shard.numel()
-        now = torch.cat([p.full_tensor().reshape(-1) for p in params]).detach()  # test only
-        worst = max(worst, float((now - expected[t]).norm() / expected[t].norm()))
+    placement = DistributedWindow()
+    window, worst = _placement_trajectory(
+        model, placement, data, ctx.rank, R, lr, m, damp, False, expected
+    )
     assert worst < 1e-6, worst
-    assert window.comm.allreduce_calls == steps and window.comm.other_bytes < 1024
+    assert placement.mode == "sharded" and window.global_dim == expected[0].numel()
+    assert window.comm.allreduce_calls == steps and window.comm.allreduce_max_numel == m
+    assert placement.comm.other_bytes == 4 * steps  # the finiteness votes: one float32 per step
 
 
 def _worker(rank: int, world: int, tmp: Path) -> int:
@@ -602,9 +610,15 @@ def _worker(rank: int, world: int, tmp: Path) -> int:
             if flag.item():
                 status = 1
                 break
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return status
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
-    sys.exit(_worker(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])))
+    code = _worker(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip the interpreter's teardown: C++ destructors of gloo/FSDP threads at exit sometimes abort
+    # ("terminate called without an active exception") after everything was written and checked
+    os._exit(code)
