@@ -1,0 +1,691 @@
+r"""The M-FAC optimizer and the M-FAC gradient preconditioner over one sliding-window Fisher.
+
+Both classes share one implementation (:class:`_MFACBase`): each ``step`` gathers the gradients of
+all parameters into one flat vector, adds it to the window of the last ``ngrads`` gradients and
+preconditions it (:class:`~mfac.fisher.sliding.SlidingInverseFisher`). They differ only in what
+they do with the preconditioned direction ``u``:
+
+* :class:`MFACPreconditioner` writes ``u`` into ``p.grad`` in place, for any optimizer to consume;
+* :class:`MFAC` applies momentum and the learning rate itself (the paper's update).
+
+The math, per step ``t`` (``w``: all parameters with gradients, concatenated)::
+
+    g_t     = grad_t + weight_decay * w_t          weight decay before preconditioning (per group)
+    F_t     = damp I + (1/s) sum_i g_i g_i^T       over the window: g_t and up to m - 1 older g_i
+    u_t     = F_t^{-1} g_t                         O(m d): two passes over the m x d window
+    v_t     = momentum v_{t-1} + (1 - momentum) u_t,  v_0 = 0      (MFAC only; per group)
+    w_{t+1} = w_t - lr v_t                         (MFAC only; per group)
+
+``m`` is ``ngrads``, ``damp`` is lambda, and ``s`` is the averaging count (``average_over``:
+``"seen"`` divides by the number of gradients in the window, so the first step is the
+Sherman-Morrison step ``u_1 = g / (damp + |g|^2)``; ``"ngrads"`` divides by ``m`` from the start,
+as the paper's code does: ``u_1 = g / (damp + |g|^2 / m)``). Memory: ``m * d * 4`` bytes for a
+float32 window (``m = 1024``, ``d = 270k``, ResNet-20's size: 1.1 GB), plus ``2 m^2 * 8`` bytes of
+float64 ``m x m`` state and one ``(d,)`` work vector.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch.optim import Optimizer
+
+from mfac.fisher.sliding import SlidingInverseFisher
+from mfac.numerics import check_damp, check_positive_int
+from mfac.optim._layout import Layout
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MFAC", "MFACPreconditioner"]
+
+#: hyper-parameters of the one window over all parameters: equal in every param group.
+_GLOBAL_KEYS = ("ngrads", "damp")
+#: key of the global (curvature) state inside ``state_dict()["state"][0]``.
+_STATE_KEY = "mfac"
+_STATE_VERSION = 1
+_WINDOW_DTYPES = (torch.float32, torch.float64)
+_AVERAGE_OVER = ("seen", "ngrads")
+#: instance attributes of _MFACBase that pickling (and copy.deepcopy) must carry.
+_PICKLED = (
+    "_window_dtype",
+    "_average_over",
+    "save_window",
+    "skip_nonfinite",
+    "_fisher",
+    "_layout",
+    "_flat",
+    "_num_steps",
+    "_num_skipped",
+    "_masks",
+    "_pruned",
+)
+
+
+def _check_real(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_nonnegative(value: Any, name: str) -> float:
+    value = _check_real(value, name)
+    if value < 0.0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+class _MFACBase(Optimizer):
+    """One sliding window over all parameters that have gradients; the shared ``step`` machinery.
+
+    Subclasses give the group defaults, check their own group keys (``_check_group``) and consume
+    the preconditioned directions (``_apply``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        masks: Mapping[torch.Tensor, torch.Tensor] | None,
+        dtype: torch.dtype | None,
+        average_over: Literal["seen", "ngrads"],
+        save_window: bool,
+        skip_nonfinite: bool,
+    ) -> None:
+        check_positive_int(defaults["ngrads"], "ngrads")
+        defaults["damp"] = check_damp(defaults["damp"])
+        self._check_group(defaults)
+        if average_over not in _AVERAGE_OVER:
+            raise ValueError(f"average_over must be one of {_AVERAGE_OVER}, got {average_over!r}")
+        if dtype is not None and dtype not in _WINDOW_DTYPES:
+            raise ValueError(
+                f"dtype (of the gradient window) must be one of {_WINDOW_DTYPES} or None, "
+                f"got {dtype!r}"
+            )
+        self._window_dtype = dtype
+        self._average_over = average_over
+        #: leave the m x d window out of :meth:`state_dict` (see the class docstring).
+        self.save_window = bool(save_window)
+        #: skip steps whose gradient is not finite instead of raising (see the class docstring).
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self._fisher: SlidingInverseFisher | None = None
+        self._layout: Layout | None = None
+        self._flat: torch.Tensor | None = None  # shape: (d,), the gathered gradient (reused)
+        self._num_steps = 0
+        self._num_skipped = 0
+        self._masks: dict[torch.Tensor, torch.Tensor] = {}
+        self._pruned: dict[torch.Tensor, torch.Tensor] = {}
+        super().__init__(params, defaults)
+        if masks is not None:
+            self._set_masks(masks)
+
+    # ------------------------------------------------------------------ public read-only views
+    @property
+    def inverse_fisher(self) -> SlidingInverseFisher | None:
+        """The window's inverse-Fisher operator (``mul``, ``diag``, ...); None before step 1.
+
+        Its coordinates are the kept entries of the parameters that have had gradients, in
+        param-group order. Read from it freely; updating it outside ``step`` desynchronises the
+        optimizer.
+        """
+        return self._fisher
+
+    @property
+    def num_steps(self) -> int:
+        """Number of steps taken (gradients added to the window), skipped steps not counted."""
+        return self._num_steps
+
+    @property
+    def num_skipped(self) -> int:
+        """Number of steps skipped for a non-finite gradient (only with ``skip_nonfinite=True``)."""
+        return self._num_skipped
+
+    # ------------------------------------------------------------------ param groups
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        """Validate the per-group hyper-parameters of ``group`` (defaults filled in)."""
+        _check_nonnegative(group["weight_decay"], "weight_decay")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (see ``torch.optim.Optimizer.add_param_group``).
+
+        ``ngrads`` and ``damp`` belong to the one window over all parameters: a group may repeat
+        them but not change them. Parameters must be real floating point and on the device of the
+        others. Parameters added after the first step join the window when they first get a
+        gradient.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        for key in _GLOBAL_KEYS:
+            if key in param_group and param_group[key] != self.defaults[key]:
+                raise ValueError(
+                    f"{key} is global to the M-FAC window and cannot differ between param groups: "
+                    f"a group has {key}={param_group[key]!r}, the optimizer "
+                    f"{key}={self.defaults[key]!r}"
+                )
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            devices = {p.device for g in self.param_groups for p in g["params"]}
+            if len(devices) > 1:
+                raise ValueError(
+                    "all parameters of an M-FAC optimizer must be on one device (one window over "
+                    f"all of them), got {sorted(str(d) for d in devices)}"
+                )
+            for p in group["params"]:
+                if not p.is_floating_point():
+                    raise TypeError(f"parameters must be real floating point, got dtype {p.dtype}")
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _params(self) -> list[torch.Tensor]:
+        """All parameters in param-group order (what positions in a checkpoint refer to)."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _name(self, param: torch.Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p is param:
+                    names = group.get("param_names")
+                    if names is not None:
+                        return repr(names[pi])
+                    return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+        return f"a parameter of shape {tuple(param.shape)}"
+
+    def _set_masks(self, masks: Mapping[torch.Tensor, torch.Tensor]) -> None:
+        if not isinstance(masks, Mapping):
+            raise TypeError(
+                f"masks must be a mapping {{parameter: mask}}, got {type(masks).__name__}"
+            )
+        params = self._params()
+        known = {id(p) for p in params}
+        for param, mask in masks.items():
+            if not isinstance(param, torch.Tensor) or id(param) not in known:
+                raise ValueError("masks are keyed by parameters of this optimizer; got another key")
+            name = self._name(param)
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"mask of {name} must be a torch.Tensor, got {type(mask).__name__}")
+            if mask.shape != param.shape:
+                raise ValueError(
+                    f"mask of {name} must have the parameter's shape {tuple(param.shape)}, "
+                    f"got {tuple(mask.shape)}"
+                )
+            if mask.device != param.device:
+                raise ValueError(f"mask of {name} must be on {param.device}, got {mask.device}")
+            if mask.dtype != torch.bool:
+                if not bool(((mask == 0) | (mask == 1)).all()):
+                    raise ValueError(
+                        f"mask of {name} must be boolean or hold only 0 and 1 (1 = kept), got "
+                        f"other values"
+                    )
+            kept = mask.detach().to(torch.bool, copy=True)
+            self._masks[param] = kept
+            self._pruned[param] = ~kept
+
+    def _check_global_settings(self) -> tuple[int, float]:
+        values = {}
+        for key in _GLOBAL_KEYS:
+            seen = {group[key] for group in self.param_groups}
+            if len(seen) > 1:
+                raise ValueError(
+                    f"{key} must be the same in every param group (one window over all "
+                    f"parameters), got {sorted(seen)}"
+                )
+            values[key] = seen.pop()
+        ngrads, damp = values["ngrads"], values["damp"]
+        fisher = self._fisher
+        if fisher is not None and (fisher.ngrads != ngrads or fisher.damp != damp):
+            raise ValueError(
+                f"ngrads and damp cannot change once the window exists (window: ngrads="
+                f"{fisher.ngrads}, damp={fisher.damp}; param groups: ngrads={ngrads}, "
+                f"damp={damp}); build a new optimizer to change them"
+            )
+        return ngrads, damp
+
+    # ------------------------------------------------------------------ the shared step
+    def _new_fisher(self, layout: Layout, ngrads: int, damp: float) -> SlidingInverseFisher:
+        return SlidingInverseFisher(
+            layout.dim,
+            ngrads,
+            damp,
+            dtype=layout.dtype,
+            device=layout.device,
+            average_over=self._average_over,
+        )
+
+    def _ensure_layout(self, present: list[torch.Tensor], ngrads: int, damp: float) -> None:
+        """Create the window at the first step; grow it when a parameter first gets a gradient."""
+        layout = self._layout
+        if layout is not None and all(p in layout for p in present):
+            return
+        params = self._params()
+        if layout is None:
+            dtype = self._window_dtype or functools.reduce(
+                torch.promote_types, (p.dtype for p in present), torch.float32
+            )
+            new = Layout(present, self._masks, dtype, present[0].device)
+            self._fisher = self._new_fisher(new, ngrads, damp)
+            logger.debug("M-FAC window created: %d x %d (%s)", ngrads, new.dim, dtype)
+        else:
+            # Grow: the new parameters' coordinates had zero gradient in every stored row, so the
+            # Gram matrix and its inverse are unchanged; only the window gets zero columns.
+            ids = {id(p) for p in present}
+            active = [p for p in params if p in layout or id(p) in ids]
+            new = Layout(active, self._masks, layout.dtype, layout.device)
+            assert self._fisher is not None
+            state = self._fisher.state_dict()
+            grads = torch.zeros(ngrads, new.dim, dtype=layout.dtype, device=layout.device)
+            position = {id(s.param): s for s in new.slots}
+            for slot in layout.slots:
+                target = position[id(slot.param)]
+                grads[:, target.offset : target.offset + target.size] = state["grads"][
+                    :, slot.offset : slot.offset + slot.size
+                ]
+            fisher = self._new_fisher(new, ngrads, damp)
+            fisher.load_state_dict({**state, "dim": new.dim, "grads": grads})
+            self._fisher = fisher
+            logger.debug("M-FAC window grown from %d to %d coordinates", layout.dim, new.dim)
+        self._layout = new
+        self._flat = torch.empty(new.dim, dtype=new.dtype, device=new.device)
+
+    def _precondition(self) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]] | None:
+        """Add the current gradient to the window; return ``(group, param, direction)`` per param.
+
+        ``direction`` is ``F^{-1} g`` restricted to the parameter, shaped like it, in the window's
+        dtype, zero at masked-out coordinates. Only parameters with a gradient this step are listed.
+        Returns None when the step is skipped (non-finite gradient with ``skip_nonfinite``).
+        """
+        ngrads, damp = self._check_global_settings()
+        group_of: dict[int, dict[str, Any]] = {}
+        present = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                group_of[id(p)] = group
+                if p.grad is not None:
+                    if p.grad.layout != torch.strided:
+                        raise TypeError(
+                            f"M-FAC does not support sparse gradients; {self._name(p)} has a "
+                            f"{p.grad.layout} gradient"
+                        )
+                    present.append(p)
+        if not present:
+            return []
+        self._ensure_layout(present, ngrads, damp)
+        layout, fisher, flat = self._layout, self._fisher, self._flat
+        assert layout is not None and fisher is not None and flat is not None
+        if present[0].device != layout.device:
+            raise ValueError(
+                f"the parameters moved to {present[0].device} after the window was created on "
+                f"{layout.device}; create the optimizer after moving the model"
+            )
+        grads = [p.grad for p in layout.params]
+        decays = [group_of[id(p)]["weight_decay"] for p in layout.params]
+        layout.gather(grads, flat, decays)
+        if not bool(torch.isfinite(flat).all()):
+            self._nonfinite(flat)
+            return None
+        direction = fisher.update_mul(flat)  # shape: (d,)
+        self._num_steps += 1
+        return [
+            (group_of[id(p)], p, layout.scatter(direction, i))
+            for i, p in enumerate(layout.params)
+            if p.grad is not None
+        ]
+
+    def _nonfinite(self, flat: torch.Tensor) -> None:
+        assert self._layout is not None
+        bad = [
+            self._name(s.param)
+            for s in self._layout.slots
+            if not bool(torch.isfinite(flat[s.offset : s.offset + s.size]).all())
+        ]
+        if self.skip_nonfinite:
+            self._num_skipped += 1
+            logger.debug("M-FAC step skipped: non-finite gradient in %s", ", ".join(bad))
+            return
+        raise ValueError(
+            f"gradient (plus weight_decay * parameter) must be finite, got NaN or inf in "
+            f"{', '.join(bad)}; the window and the parameters were left untouched (pass "
+            "skip_nonfinite=True to skip such steps instead)"
+        )
+
+    def _apply(self, directions: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one step; ``closure`` (optional) is evaluated once, with gradients enabled, first.
+
+        Returns:
+            The closure's return value (the loss), or None without a closure.
+
+        Raises:
+            ValueError: a non-finite gradient (unless ``skip_nonfinite``); nothing is changed then.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        directions = self._precondition()
+        if directions:
+            self._apply(directions)
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults, state and param_groups; keep the window too (copy.deepcopy)
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in _PICKLED}}
+
+    def _global_state(self) -> dict[str, Any]:
+        layout, fisher = self._layout, self._fisher
+        position = {id(p): i for i, p in enumerate(self._params())}
+        return {
+            "version": _STATE_VERSION,
+            "num_steps": self._num_steps,
+            "num_skipped": self._num_skipped,
+            "masks": {position[id(p)]: m for p, m in self._masks.items()},
+            "active": None if layout is None else [position[id(p)] for p in layout.params],
+            "window_dtype": None if layout is None else layout.dtype,
+            "fisher": fisher.state_dict() if fisher is not None and self.save_window else None,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the optimizer state, the curvature under ``state[0]["mfac"]`` (as LBFGS does).
+
+        ``state[0]["mfac"]`` holds the window (``fisher``: the operator's ``state_dict``, or None
+        with ``save_window=False``), the window's coordinates (``active``: positions of the
+        parameters in param-group order; ``masks``), its dtype, and the step counters.
+        Per-parameter state (momentum buffers) is where torch puts it. Tensors are references, as
+        in torch.
+        """
+        packed = super().state_dict()
+        packed["state"] = dict(packed["state"])
+        packed["state"][0] = {**packed["state"].get(0, {}), _STATE_KEY: self._global_state()}
+        return packed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load :meth:`state_dict` output: the window comes back exactly, in its own dtype.
+
+        Unlike ``torch.optim.Optimizer.load_state_dict``, tensors keep the dtype they were saved in
+        (torch would cast them to the parameter's: a float32 window and momentum of bfloat16
+        parameters would lose bits); they move to the parameters' device. The optimizer must have
+        been built with the same masks. A checkpoint saved with ``save_window=False`` restarts the
+        window empty (everything else is restored). Everything is checked before anything changes.
+        """
+        per_param: dict[Any, dict[str, Any]] = {}
+        glob = None
+        for key, value in state_dict["state"].items():
+            value = dict(value)
+            if _STATE_KEY in value:
+                glob = value.pop(_STATE_KEY)
+            if value:
+                per_param[key] = value
+        params = self._params()
+        window = self._restore_window(glob, params, state_dict["param_groups"])
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        id_map = dict(zip(saved_ids, params, strict=True))
+        for key, value in per_param.items():
+            param = id_map.get(key)
+            if param is None:
+                continue
+            self.state[param] = {
+                k: v.to(device=param.device, copy=True)
+                if isinstance(v, torch.Tensor)
+                else copy.deepcopy(v)
+                for k, v in value.items()
+            }
+        self._layout, self._fisher, self._num_steps, self._num_skipped = window
+        self._flat = (
+            None
+            if self._layout is None
+            else torch.empty(self._layout.dim, dtype=self._layout.dtype, device=self._layout.device)
+        )
+
+    def _restore_window(
+        self, glob: dict[str, Any] | None, params: list[torch.Tensor], groups: list[dict[str, Any]]
+    ) -> tuple[Layout | None, SlidingInverseFisher | None, int, int]:
+        """Check the saved global state against this optimizer and rebuild the window from it."""
+        if glob is None:  # saved before the first step
+            return None, None, 0, 0
+        if glob.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"unsupported M-FAC state version {glob.get('version')!r} "
+                f"(expected {_STATE_VERSION})"
+            )
+        mine = {i: self._masks[p] for i, p in enumerate(params) if p in self._masks}
+        theirs = glob["masks"]
+        same = mine.keys() == theirs.keys() and all(
+            torch.equal(mine[i], theirs[i].to(mine[i].device)) for i in mine
+        )
+        if not same:
+            raise ValueError(
+                "the checkpoint was saved with masks on parameters at positions "
+                f"{sorted(theirs)}, this optimizer has masks on {sorted(mine)} (or different "
+                "values); build the optimizer with the same masks as the one that was saved"
+            )
+        counters = int(glob["num_steps"]), int(glob["num_skipped"])
+        if glob["active"] is None:
+            return None, None, *counters
+        if len(params) != sum(len(g["params"]) for g in groups):
+            raise ValueError(
+                "loaded state dict has a different number of parameters than this optimizer"
+            )
+        try:
+            active = [params[i] for i in glob["active"]]
+        except IndexError:
+            raise ValueError(
+                f"the checkpoint's window covers parameter positions {glob['active']}, this "
+                f"optimizer has {len(params)} parameters"
+            ) from None
+        settings = {}
+        for key in _GLOBAL_KEYS:
+            seen = {g[key] for g in groups}
+            if len(seen) != 1:
+                raise ValueError(f"{key} must be the same in every saved param group, got {seen}")
+            settings[key] = seen.pop()
+        layout = Layout(active, self._masks, glob["window_dtype"], active[0].device)
+        fisher = self._new_fisher(layout, settings["ngrads"], settings["damp"])
+        if glob["fisher"] is not None:
+            fisher.load_state_dict(glob["fisher"])  # checks dim, ngrads, damp, average_over
+        else:
+            logger.debug("M-FAC checkpoint without window: the window restarts empty")
+        return layout, fisher, *counters
+
+
+_COMMON_DOC = r"""
+    Args (shared by :class:`MFAC` and :class:`MFACPreconditioner`):
+        params: parameters or param groups, as for any ``torch.optim`` optimizer (also named
+            parameters). All on one device; any real floating dtypes.
+        ngrads: ``m``, the window size (the number of recent gradients kept). Global: every group
+            must have the same value.
+        damp: ``lambda > 0`` in ``F = damp I + (1/s) G^T G``. Global, like ``ngrads``.
+        weight_decay: per group, added as ``weight_decay * w`` to the gradient *before*
+            preconditioning (the paper's choice), so the window holds decayed gradients.
+        masks: optional ``{parameter: mask}`` of fixed sparsity masks, shaped like the parameter,
+            bool (or 0/1; True / 1 = kept). Masked-out coordinates take no room in the window
+            (``d`` counts kept coordinates only) and get a zero direction. Explicit: never
+            inferred from exact zeros in the weights. Fixed for the optimizer's life: to change
+            masks, build a new optimizer.
+        dtype: dtype of the window and of all curvature work: None (default) picks the parameters'
+            dtype promoted to at least float32 (bfloat16 / float16 parameters get a float32 window;
+            any float64 parameter gives float64). ``torch.float32`` or ``torch.float64``.
+        average_over: ``"seen"`` (default: ``s`` = number of gradients in the window, so the first
+            step is ``g / (damp + |g|^2)``) or ``"ngrads"`` (``s = m`` from the start, the paper's
+            code: first step ``g / (damp + |g|^2 / m)``). Global.
+        save_window: True (default): :meth:`state_dict` carries the whole window, and
+            save -> load -> step equals an uninterrupted run bit for bit. False: it leaves the
+            ``m x d`` window (and its ``m x m`` Gram matrix and inverse, useless without it) out;
+            loading such a checkpoint restarts the window empty, everything else (step counters,
+            momentum, masks, the window's coordinate set) is restored. Also an attribute.
+        skip_nonfinite: what a step with a NaN or inf gradient (plus weight decay) does. False
+            (default): raise ``ValueError`` naming the parameters; the window, the parameters and
+            the momentum are left untouched, so the caller may catch it and continue. True: skip the
+            step silently (counted in :attr:`num_skipped`, logged at debug level), e.g. under a
+            ``torch.amp.GradScaler``, which skips such steps itself.
+
+    Parameters and gradients:
+        * The window's coordinate set is the parameters that have a gradient at the first step,
+          in param-group order. A parameter whose ``.grad`` is None at a later step (an unused head)
+          contributes zeros to the window's new row (its gradient *is* zero) and is not updated (no
+          step, no momentum decay, no weight decay), like ``torch.optim``. A parameter that gets its
+          first gradient later (unfrozen layer, ``add_param_group``) joins the window with zero
+          columns in the older rows, which is exact: the Gram matrix is unchanged (this reallocates
+          the window once: briefly three windows of memory). The set never shrinks; it is part of
+          the checkpoint, so resumed runs skip the same parameters.
+        * Parameters with ``requires_grad=False`` never get a gradient and cost nothing.
+        * A step where no parameter has a gradient does nothing.
+        * The window is created at the first step (its memory, ``m * d * 4`` bytes in float32, is
+          allocated then, with a ``MemoryError`` saying how much if it does not fit).
+
+    Cost per step: two passes over the ``m x d`` window plus ``O(m^2)`` float64 work (``O(m^3)``
+    every ``m`` steps and while the window fills, where the ``m x m`` system is refactored).
+"""
+
+
+class MFACPreconditioner(_MFACBase):
+    r"""Rewrites each ``p.grad`` in place with the M-FAC direction ``F^{-1} (grad + wd * w)``.
+
+    Any optimizer then consumes the preconditioned gradients::
+
+        precond = MFACPreconditioner(model.parameters(), ngrads=256, damp=1e-4)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            precond.step()  # p.grad <- F^{-1} g, restricted to p
+            opt.step()
+
+    ``MFAC(lr, momentum=0, weight_decay=wd)`` equals ``MFACPreconditioner(weight_decay=wd)``
+    followed by ``SGD(lr)``; the preconditioner with ``SGD(momentum=mu)`` gives torch's heavy-ball
+    momentum (``v <- mu v + u``, ``v_1 = u_1``) instead of the paper's EMA. Decoupled weight decay
+    goes to the optimizer (``AdamW(weight_decay=...)``), with ``weight_decay=0`` here.
+
+    ``step`` writes ``p.grad`` only for parameters that have a gradient; masked-out coordinates of
+    ``p.grad`` become zero (the weights are not touched: zero them once, e.g. by pruning; SGD, Adam
+    and AdamW then keep them at zero). A skipped step (``skip_nonfinite=True``) leaves every
+    ``p.grad`` as it was, so a ``GradScaler`` still sees the inf and skips the optimizer's step.
+    Param groups carry ``weight_decay`` (per group), ``ngrads`` and ``damp`` (global).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        ngrads: int = 1024,
+        damp: float = 1e-5,
+        weight_decay: float = 0.0,
+        *,
+        masks: Mapping[torch.Tensor, torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+        average_over: Literal["seen", "ngrads"] = "seen",
+        save_window: bool = True,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        defaults = {"ngrads": ngrads, "damp": damp, "weight_decay": weight_decay}
+        super().__init__(
+            params,
+            defaults,
+            masks=masks,
+            dtype=dtype,
+            average_over=average_over,
+            save_window=save_window,
+            skip_nonfinite=skip_nonfinite,
+        )
+
+    def _apply(self, directions: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
+        for _, p, direction in directions:
+            p.grad.copy_(direction)
+
+
+MFACPreconditioner.__doc__ = (MFACPreconditioner.__doc__ or "") + _COMMON_DOC
+
+
+class MFAC(_MFACBase):
+    r"""The M-FAC optimizer: ``w <- w - lr v``, ``v <- momentum v + (1 - momentum) F^{-1} g``.
+
+    A drop-in ``torch.optim.Optimizer`` (param groups, LR schedulers, closures, ``state_dict``)::
+
+        opt = MFAC(model.parameters(), lr=1e-3, ngrads=256, damp=1e-4, momentum=0.9)
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+    Per group: ``lr >= 0``, ``momentum`` in ``[0, 1)`` and ``weight_decay >= 0``. Momentum is the
+    paper's exponential average of the preconditioned directions, ``v_0 = 0`` (so the first step
+    moves ``(1 - momentum) lr u``); it is stored per parameter as ``state[p]["momentum_buffer"]`` in
+    the window's dtype (float32 for bfloat16 parameters). For torch's heavy-ball momentum, or any
+    other update rule, use :class:`MFACPreconditioner` with that optimizer.
+
+    Masked-out coordinates of the parameters (``masks``) are set to zero at every step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        ngrads: int = 1024,
+        damp: float = 1e-5,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        masks: Mapping[torch.Tensor, torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+        average_over: Literal["seen", "ngrads"] = "seen",
+        save_window: bool = True,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "ngrads": ngrads,
+            "damp": damp,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+        }
+        super().__init__(
+            params,
+            defaults,
+            masks=masks,
+            dtype=dtype,
+            average_over=average_over,
+            save_window=save_window,
+            skip_nonfinite=skip_nonfinite,
+        )
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        super()._check_group(group)
+        if isinstance(group["lr"], torch.Tensor):
+            raise TypeError("lr must be a float (tensor learning rates are not supported)")
+        _check_nonnegative(group["lr"], "lr")
+        momentum = _check_real(group["momentum"], "momentum")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+
+    def _apply(self, directions: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
+        for group, p, direction in directions:
+            momentum = group["momentum"]
+            if momentum != 0.0:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = torch.zeros_like(direction, memory_format=torch.contiguous_format)
+                    state["momentum_buffer"] = buf
+                buf.mul_(momentum).add_(direction, alpha=1.0 - momentum)
+                direction = buf
+            p.add_(direction, alpha=-group["lr"])  # computed in the window's dtype, rounded once
+            pruned = self._pruned.get(p)
+            if pruned is not None:
+                p.masked_fill_(pruned, 0.0)
+
+
+MFAC.__doc__ = (MFAC.__doc__ or "") + _COMMON_DOC

@@ -1,0 +1,44 @@
+"""Smoke test of experiments/optimizer_comparison.py: --quick runs in-process and writes its outputs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("sklearn")
+
+
+def test_quick_run_writes_tables_json_and_plots(tmp_path, capsys):
+    import torch
+
+    from experiments import optimizer_comparison
+
+    threads = torch.get_num_threads()
+    results = optimizer_comparison.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == threads  # no lasting global side effect
+
+    for name in ("results.json", "results.md", "training.png", "step_time.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert {r["optimizer"] for r in saved["sweep"]} == {"MFAC", "SGD", "Adam"}
+    assert {r["model"] for r in saved["sweep"]} == {"MLP", "CNN"}
+    assert [r["ngrads"] for r in saved["step_time"]] == [None, 4, 8]
+    assert all(r["ms_per_step"] > 0 for r in results["step_time"])
+    table = (tmp_path / "results.md").read_text()
+    assert "| MLP | MFAC |" in table and "| Adam (foreach) |" in table
+    assert table in capsys.readouterr().out
+
+
+def test_help():
+    from experiments import optimizer_comparison
+
+    with pytest.raises(SystemExit) as exit_info:
+        optimizer_comparison.main(["--help"])
+    assert exit_info.value.code == 0
