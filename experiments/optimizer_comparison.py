@@ -364,7 +364,7 @@ def markdown_tables(
 
 
 def plot(runs: list[dict], best: list[dict], timing: list[dict], out: Path) -> None:
-    """training.png (best lr per optimizer, mean +- std over seeds) and step_time.png."""
+    """training.png (best lr per optimizer: mean and range over seeds) and step_time.png."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -385,10 +385,10 @@ def plot(runs: list[dict], best: list[dict], timing: list[dict], out: Path) -> N
             epochs = [p["epoch"] for p in group[0]["curve"]]
             for col, key in enumerate(("train_loss", "test_acc")):
                 values = torch.tensor([[p[key] for p in r["curve"]] for r in group])
-                mean, std = values.mean(0), values.std(0) if len(group) > 1 else 0 * values[0]
                 label = f"{choice['optimizer']} (lr {choice['lr']:g})"
-                axes[row][col].plot(epochs, mean, label=label)
-                axes[row][col].fill_between(epochs, mean - std, mean + std, alpha=0.2)
+                axes[row][col].plot(epochs, values.mean(0), label=label)
+                low, high = values.min(0).values, values.max(0).values
+                axes[row][col].fill_between(epochs, low, high, alpha=0.2)  # range over seeds
         axes[row][0].set_yscale("log")
         axes[row][0].set_title(f"{model}: train loss (mean over the epoch's batches)")
         axes[row][1].set_title(f"{model}: test accuracy")
