@@ -8,7 +8,7 @@ while they are gathered, in the same copy.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,10 @@ class _Slot:
     kept: torch.Tensor | None  # long (size,) flat indices into the parameter; None = all kept
 
 
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 class Layout:
     """Ordered parameters, each contributing its kept coordinates to a flat ``(d,)`` vector.
 
@@ -32,6 +36,8 @@ class Layout:
         masks: ``{param: bool tensor shaped like it}`` (True = kept) for the masked ones.
         dtype: dtype of the flat vectors (gather output, scatter input).
         device: their device (that of the parameters).
+        local: the part of a parameter or gradient that is this process's (identity by default;
+            the local shard of a DTensor under FSDP, see :class:`mfac.distributed.DistributedWindow`).
     """
 
     def __init__(
@@ -40,13 +46,15 @@ class Layout:
         masks: Mapping[torch.Tensor, torch.Tensor],
         dtype: torch.dtype,
         device: torch.device,
+        local: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        self._local = local or _identity
         slots = []
         offset = 0
         for p in params:
             mask = masks.get(p)
             kept = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
-            size = p.numel() if kept is None else kept.numel()
+            size = self._local(p).numel() if kept is None else kept.numel()
             slots.append(_Slot(p, offset, size, kept))
             offset += size
         self.slots: list[_Slot] = slots
@@ -81,10 +89,10 @@ class Layout:
             if t is None:
                 part.zero_()
                 continue
-            part.copy_(self._kept(t, slot))
+            part.copy_(self._kept(self._local(t), slot))
             wd = 0.0 if weight_decay is None else weight_decay[i]
             if wd != 0.0:
-                part.add_(self._kept(slot.param.detach(), slot), alpha=wd)
+                part.add_(self._kept(self._local(slot.param.detach()), slot), alpha=wd)
         return out
 
     def scatter(self, vec: torch.Tensor, index: int) -> torch.Tensor:
@@ -96,7 +104,7 @@ class Layout:
         slot = self.slots[index]
         part = vec[slot.offset : slot.offset + slot.size]
         if slot.kept is None:
-            return part.view(slot.param.shape)
+            return part.view(self._local(slot.param).shape)
         full = torch.zeros(slot.param.numel(), dtype=vec.dtype, device=vec.device)
         return full.index_copy_(0, slot.kept, part).view(slot.param.shape)
 

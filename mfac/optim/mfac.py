@@ -64,6 +64,7 @@ _PICKLED = (
     "_num_skipped",
     "_masks",
     "_pruned",
+    "_distributed",
 )
 
 
@@ -100,6 +101,7 @@ class _MFACBase(Optimizer):
         average_over: Literal["seen", "ngrads"],
         save_window: bool,
         skip_nonfinite: bool,
+        distributed: Any = None,
     ) -> None:
         check_positive_int(defaults["ngrads"], "ngrads")
         defaults["damp"] = check_damp(defaults["damp"])
@@ -113,6 +115,15 @@ class _MFACBase(Optimizer):
             )
         self._window_dtype = dtype
         self._average_over = average_over
+        if distributed is not None and not all(
+            hasattr(distributed, k) for k in ("local", "new_fisher", "update_mul", "all_finite")
+        ):
+            raise TypeError(
+                "distributed must be a mfac.distributed.DistributedWindow or None, got "
+                f"{type(distributed).__name__}"
+            )
+        #: the window's placement over torch.distributed ranks (None: one process).
+        self._distributed = distributed
         #: leave the m x d window out of :meth:`state_dict` (see the class docstring).
         self.save_window = bool(save_window)
         #: skip steps whose gradient is not finite instead of raising (see the class docstring).
@@ -253,7 +264,21 @@ class _MFACBase(Optimizer):
         return ngrads, damp
 
     # ------------------------------------------------------------------ the shared step
+    def _local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Return the part of a parameter or gradient this rank works on (itself on one process)."""
+        return tensor if self._distributed is None else self._distributed.local(tensor)
+
+    def _local_fn(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return None if self._distributed is None else self._distributed.local
+
     def _new_fisher(self, layout: Layout, ngrads: int, damp: float) -> SlidingInverseFisher:
+        if self._distributed is not None:
+            if self._masks and any(self._local(p) is not p for p in layout.params):
+                raise NotImplementedError("masks are not supported with FSDP-sharded parameters")
+            return self._distributed.new_fisher(  # collective: the ranks' windows agree
+                layout.dim, ngrads, damp, params=layout.params, dtype=layout.dtype,
+                device=layout.device, average_over=self._average_over,
+            )
         return SlidingInverseFisher(
             layout.dim,
             ngrads,
@@ -273,10 +298,16 @@ class _MFACBase(Optimizer):
             dtype = self._window_dtype or functools.reduce(
                 torch.promote_types, (p.dtype for p in present), torch.float32
             )
-            new = Layout(present, self._masks, dtype, present[0].device)
+            new = Layout(present, self._masks, dtype, present[0].device, local=self._local_fn())
             self._fisher = self._new_fisher(new, ngrads, damp)
             logger.debug("M-FAC window created: %d x %d (%s)", ngrads, new.dim, dtype)
         else:
+            if self._distributed is not None:
+                raise NotImplementedError(
+                    "a distributed M-FAC window cannot grow: every parameter must have a gradient "
+                    f"at the first step ({len(present) - sum(p in layout for p in present)} got "
+                    "their first one later)"
+                )
             # Grow: the new parameters' coordinates had zero gradient in every stored row, so the
             # Gram matrix and its inverse are unchanged; only the window gets zero columns.
             ids = {id(p) for p in present}
@@ -331,10 +362,12 @@ class _MFACBase(Optimizer):
         grads = [p.grad for p in layout.params]
         decays = [group_of[id(p)]["weight_decay"] for p in layout.params]
         layout.gather(grads, flat, decays)
-        if not bool(torch.isfinite(flat).all()):
+        dist = self._distributed
+        if not (bool(torch.isfinite(flat).all()) if dist is None else dist.all_finite(flat)):
             self._nonfinite(flat)
             return None
-        direction = fisher.update_mul(flat)  # shape: (d,)
+        # shape: (d,), as flat (FSDP: this rank's local coordinates; DDP: all, step all-gathered)
+        direction = fisher.update_mul(flat) if dist is None else dist.update_mul(fisher, flat)
         self._num_steps += 1
         return [
             (group_of[id(p)], p, layout.scatter(direction, i))
@@ -348,7 +381,7 @@ class _MFACBase(Optimizer):
             self._name(s.param)
             for s in self._layout.slots
             if not bool(torch.isfinite(flat[s.offset : s.offset + s.size]).all())
-        ]
+        ] or ["the part of the parameters another rank holds"]
         if self.skip_nonfinite:
             self._num_skipped += 1
             logger.debug("M-FAC step skipped: non-finite gradient in %s", ", ".join(bad))
@@ -494,7 +527,9 @@ class _MFACBase(Optimizer):
             if len(seen) != 1:
                 raise ValueError(f"{key} must be the same in every saved param group, got {seen}")
             settings[key] = seen.pop()
-        layout = Layout(active, self._masks, glob["window_dtype"], active[0].device)
+        layout = Layout(
+            active, self._masks, glob["window_dtype"], active[0].device, local=self._local_fn()
+        )
         fisher = self._new_fisher(layout, settings["ngrads"], settings["damp"])
         if glob["fisher"] is not None:
             fisher.load_state_dict(glob["fisher"])  # checks dim, ngrads, damp, average_over
@@ -533,6 +568,13 @@ _COMMON_DOC = r"""
             the momentum are left untouched, so the caller may catch it and continue. True: skip the
             step silently (counted in :attr:`num_skipped`, logged at debug level), e.g. under a
             ``torch.amp.GradScaler``, which skips such steps itself.
+        distributed: None (default: one process), or a :class:`mfac.distributed.DistributedWindow`
+            that shards the window over ``torch.distributed`` ranks (DDP: each rank keeps a slice
+            of the coordinates and the step is all-gathered; FSDP2 ``fully_shard``: each rank
+            works on its local parameter shards). Per step the window all-reduces ``m`` floats;
+            ``step`` and ``load_state_dict`` become collectives, ``state_dict`` holds this rank's
+            part (save it per rank: :func:`mfac.distributed.save_sharded`). Every parameter must
+            have a gradient at the first step (the window cannot grow); no masks with FSDP.
 
     Parameters and gradients:
         * The window's coordinate set is the parameters that have a gradient at the first step,
@@ -590,6 +632,7 @@ class MFACPreconditioner(_MFACBase):
         average_over: Literal["seen", "ngrads"] = "seen",
         save_window: bool = True,
         skip_nonfinite: bool = False,
+        distributed: Any = None,
     ) -> None:
         defaults = {"ngrads": ngrads, "damp": damp, "weight_decay": weight_decay}
         super().__init__(
@@ -600,11 +643,12 @@ class MFACPreconditioner(_MFACBase):
             average_over=average_over,
             save_window=save_window,
             skip_nonfinite=skip_nonfinite,
+            distributed=distributed,
         )
 
     def _apply(self, directions: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
         for _, p, direction in directions:
-            p.grad.copy_(direction)
+            self._local(p.grad).copy_(direction)
 
 
 MFACPreconditioner.__doc__ = (MFACPreconditioner.__doc__ or "") + _COMMON_DOC
@@ -644,6 +688,7 @@ class MFAC(_MFACBase):
         average_over: Literal["seen", "ngrads"] = "seen",
         save_window: bool = True,
         skip_nonfinite: bool = False,
+        distributed: Any = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -660,6 +705,7 @@ class MFAC(_MFACBase):
             average_over=average_over,
             save_window=save_window,
             skip_nonfinite=skip_nonfinite,
+            distributed=distributed,
         )
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
@@ -682,7 +728,8 @@ class MFAC(_MFACBase):
                     state["momentum_buffer"] = buf
                 buf.mul_(momentum).add_(direction, alpha=1.0 - momentum)
                 direction = buf
-            p.add_(direction, alpha=-group["lr"])  # computed in the window's dtype, rounded once
+            # computed in the window's dtype, rounded once
+            self._local(p).add_(direction, alpha=-group["lr"])
             pruned = self._pruned.get(p)
             if pruned is not None:
                 p.masked_fill_(pruned, 0.0)
