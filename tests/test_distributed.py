@@ -547,7 +547,7 @@ def ddp_trajectory(ctx: Ctx) -> None:
     from mfac.distributed import DistributedWindow
 
     R = ctx.world
-    lr, m, damp, steps = 0.1, 4, 1e-2, 20
+    lr, m, damp, steps = 0.1, 4, 1e-1, 20
     data = _data(steps, 6 * R)
     expected = _single_trajectory(data, lr, m, damp)
     placement = DistributedWindow()
@@ -567,7 +567,7 @@ def fsdp_trajectory(ctx: Ctx) -> None:
     from mfac.distributed import DistributedWindow
 
     R = ctx.world
-    lr, m, damp, steps = 0.1, 4, 1e-2, 20
+    lr, m, damp, steps = 0.1, 4, 1e-1, 20
     data = _data(steps, 6 * R)
     expected = _single_trajectory(data, lr, m, damp)
     model = _mlp(0)
@@ -580,6 +580,102 @@ def fsdp_trajectory(ctx: Ctx) -> None:
     assert placement.mode == "sharded" and window.global_dim == expected[0].numel()
     assert window.comm.allreduce_calls == steps and window.comm.allreduce_max_numel == m
     assert placement.comm.other_bytes == 4 * steps  # the finiteness votes: one float32 per step
+
+
+def _mfac_run(model, data, rank, R, *, ddp, opt_kwargs, steps_range, opt=None, precondition=False):
+    """Train ``model`` with ``mfac.MFAC`` (or the preconditioner + SGD) on this rank's batch slices."""
+    params = list(model.parameters())
+    if opt is None:
+        if precondition:
+            opt = (mfac.MFACPreconditioner(params, ngrads=4, damp=1e-1, **opt_kwargs),
+                   torch.optim.SGD(params, lr=0.05, momentum=0.9))
+        else:
+            opt = mfac.MFAC(params, lr=0.05, ngrads=4, damp=1e-1, momentum=0.9,
+                            weight_decay=1e-3, **opt_kwargs)
+    trajectory = []
+    for t in steps_range:
+        x, y = data[t]
+        part = slice(rank * x.shape[0] // R, (rank + 1) * x.shape[0] // R)
+        model.zero_grad()
+        torch.nn.functional.mse_loss(model(x[part]), y[part]).backward()
+        if ddp:  # DDP's contract (see _placement_trajectory)
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(R)
+        for o in opt if isinstance(opt, tuple) else (opt,):
+            o.step()
+        vec = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in params]
+        trajectory.append(torch.cat([v.detach().reshape(-1) for v in vec]).clone())
+    return opt, trajectory
+
+
+def _worst(got, expected) -> float:
+    return max(float((a - b).norm() / b.norm()) for a, b in zip(got, expected, strict=True))
+
+
+@scenario
+def optimizer_trajectories(ctx: Ctx) -> None:
+    """mfac.MFAC (and MFACPreconditioner + SGD) with distributed=DistributedWindow(): DDP, FSDP2."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    from mfac.distributed import DistributedWindow
+
+    R, rank, steps = ctx.world, ctx.rank, 20
+    data = _data(steps, 6 * R)
+    for precondition in (False, True):
+        _, expected = _mfac_run(_mlp(0), data, 0, 1, ddp=False, opt_kwargs={},
+                                steps_range=range(steps), precondition=precondition)
+        # DDP (replicated parameters): the window is cut evenly, the step all-gathered
+        model = _mlp(0)
+        opt, got = _mfac_run(model, data, rank, R, ddp=True, steps_range=range(steps),
+                             opt_kwargs={"distributed": DistributedWindow()},
+                             precondition=precondition)
+        assert _worst(got, expected) < 1e-6, ("ddp", precondition, _worst(got, expected))
+        window = (opt[0] if precondition else opt).inverse_fisher
+        assert window.global_dim == expected[0].numel() and window.dim < window.global_dim
+        # FSDP2: DTensor parameters, each rank steps its local shards
+        model = _mlp(0)
+        fully_shard(model)
+        opt, got = _mfac_run(model, data, rank, R, ddp=False, steps_range=range(steps),
+                             opt_kwargs={"distributed": DistributedWindow()},
+                             precondition=precondition)
+        assert _worst(got, expected) < 1e-6, ("fsdp", precondition, _worst(got, expected))
+    # checkpoint (DDP): save -> load -> continue equals the uninterrupted run, bit for bit
+    model = _mlp(0)
+    opt, _ = _mfac_run(model, data, rank, R, ddp=True, steps_range=range(10),
+                       opt_kwargs={"distributed": DistributedWindow()})
+    save_sharded(opt.state_dict(), ctx.tmp / "optim")
+    twin = copy.deepcopy(model)
+    twin_opt = mfac.MFAC(list(twin.parameters()), lr=0.05, ngrads=4, damp=1e-1, momentum=0.9,
+                         weight_decay=1e-3, distributed=DistributedWindow())
+    twin_opt.load_state_dict(load_sharded(ctx.tmp / "optim"))
+    _, a = _mfac_run(model, data, rank, R, ddp=True, steps_range=range(10, steps), opt=opt,
+                     opt_kwargs={})
+    _, b = _mfac_run(twin, data, rank, R, ddp=True, steps_range=range(10, steps), opt=twin_opt,
+                     opt_kwargs={})
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    # ranks that disagree on ngrads: refused on every rank at the first step (window creation)
+    model = _mlp(0)
+    bad = mfac.MFAC(model.parameters(), ngrads=4 + (rank == R - 1), damp=1e-2,
+                    distributed=DistributedWindow())
+    model(data[0][0]).sum().backward()
+    with pytest.raises(ValueError, match="ranks disagree on ngrads"):
+        bad.step()
+    # a NaN gradient on one rank only (FSDP: each rank sees its shard): every rank skips together
+    model = _mlp(0)
+    fully_shard(model)
+    opt = mfac.MFAC(model.parameters(), lr=0.05, ngrads=4, damp=1e-1,
+                    distributed=DistributedWindow(), skip_nonfinite=True)
+    for t in range(3):
+        model.zero_grad()
+        model(data[t][0]).sum().backward()
+        if t == 1 and rank == R - 1:
+            next(iter(model.parameters())).grad.to_local().view(-1)[0] = float("nan")
+        opt.step()
+    assert (opt.num_steps, opt.num_skipped) == (2, 1)
+    opt.inverse_fisher.check_consistency()
 
 
 def _worker(rank: int, world: int, tmp: Path) -> int:
