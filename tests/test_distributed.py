@@ -209,6 +209,10 @@ def _format_failures(failed: dict[str, dict[int, str]]) -> str:
 
 
 @pytest.mark.distributed
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with the gloo backend",
+)
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_equals_single_process(world, tmp_path):
     results = _launch(world, tmp_path)
