@@ -349,3 +349,22 @@ def test_gradual_pruner_in_a_training_loop(schedule):
     assert pruner.sparsity == pytest.approx(round(0.8 * 96) / 96)
     params = dict(model.named_parameters())
     assert all(bool((params[n][~pruner.masks[n]] == 0).all()) for n in NAMES)
+
+
+# ---------------------------------------------------------------------------------------- devices
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prune_on_device(device, dtype):
+    """Everything stays on the model's device and dtype (CUDA runs when available)."""
+    model = _model(dtype=dtype).to(device)
+    data = [(x.to(device), y.to(device)) for x, y in _data(dtype=dtype)]
+    masks = prune_oneshot(model, loss_fn, data, 0.6, ngrads=16, damp=1e-2, recompute=2, block_size=16)
+    params = dict(model.named_parameters())
+    for n in NAMES:
+        assert masks[n].device == params[n].device and params[n].dtype == dtype
+        assert bool((params[n][~masks[n]] == 0).all())
+    nm = prune_oneshot(_model(dtype=dtype).to(device), loss_fn, data, pattern="2:4", ngrads=8, damp=1e-2)
+    assert all(check_nm(m, 2, 4) and m.device == params[n].device for n, m in nm.items())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    apply_masks(model, masks, optimizers=opt)
+    _train(model, opt, data, steps=3)
+    assert all(bool((params[n][~masks[n]] == 0).all()) for n in NAMES)

@@ -109,9 +109,11 @@ def select_global(
     sparsity = _check_sparsity(sparsity)
     keep = _check_scores(scores, keep)
     names = list(scores)
-    flat = torch.cat([_masked_scores(scores[n], keep.get(n)).reshape(-1).cpu() for n in names])
+    devices = {scores[n].device for n in names}
+    device = devices.pop() if len(devices) == 1 else torch.device("cpu")  # one ranking, one device
+    flat = torch.cat([_masked_scores(scores[n], keep.get(n)).reshape(-1).to(device) for n in names])
     count = prune_count(flat.numel(), sparsity)
-    new = torch.ones(flat.numel(), dtype=torch.bool)
+    new = torch.ones(flat.numel(), dtype=torch.bool, device=device)
     if count:
         order = torch.argsort(flat, stable=True)
         new[order[:count]] = False
