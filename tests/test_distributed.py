@@ -262,8 +262,10 @@ def memory_is_one_rth(ctx: Ctx) -> None:
     ratio = held / state_nbytes(single)
     del single
     assert ratio <= 1.02 / ctx.world, ratio
-    if grown is not None:  # RSS growth of this process when the window was allocated
-        assert 0.7 * share <= grown <= 1.2 * share + (4 << 20), (grown, share)
+    if grown is not None:
+        # RSS is process-wide (gloo's threads and the allocator move it too), so only a loose bound is
+        # asserted: well below one process's whole window. The exact check is ``held`` above.
+        assert grown <= share + full_bytes / 4, (grown, share, full_bytes)
 
 
 @scenario

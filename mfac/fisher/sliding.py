@@ -218,11 +218,12 @@ class SlidingInverseFisher(InverseFisher):
         self._inv[:n, :n] = torch.cholesky_inverse(factor)
         self._since_refactor = 0
 
-    def _refined_column(self, row: int) -> tuple[torch.Tensor, float]:
+    def _refined_column(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``c = M^{-1} e_r`` from ``P`` plus one step of iterative refinement, and the relative residual.
 
         ``r = e_r - M c0`` costs one O(n^2) product; ``c = c0 + P r`` removes most of the error that
         ``P`` carries (the forward error of ``c0`` is up to cond(M) times ``P``'s backward error).
+        The residual ``|r| / (|M| |c0|)`` is returned as a 0-d tensor (no host synchronisation here).
         """
         n = self.num_stored
         inv = self._inv[:n, :n]
@@ -230,8 +231,8 @@ class SlidingInverseFisher(InverseFisher):
         c0 = inv[:, row]
         resid = torch.mv(self._gram[:n, :n], c0).add_(c0, alpha=shift).neg_()
         resid[row] += 1.0
-        norm_m = self._gram.diagonal()[:n].amax().item() + shift
-        rel = resid.abs().amax().item() / (norm_m * c0.abs().amax().item())
+        norm_m = self._gram.diagonal()[:n].amax() + shift
+        rel = resid.abs().amax() / (norm_m * c0.abs().amax())
         return c0 + inv @ resid, rel
 
     def _replace_row(self, row: int) -> torch.Tensor | None:
@@ -241,27 +242,25 @@ class SlidingInverseFisher(InverseFisher):
         ``row``, embedded with zeros. Add: with ``b`` the new column without its diagonal entry ``v_r``,
         ``u = P' b``, the Schur complement ``sigma = v_r - b^T u`` and ``w = u - e_r``, the new inverse is
         ``P' + w w^T / sigma``. Returns the refined ``c = M^{-1} e_r``, or ``None`` when a pivot is not
-        clearly positive or the residual of ``c`` is above tolerance (the caller then refactors).
+        clearly positive or the residual of ``c`` is above tolerance (the caller then refactors and
+        overwrites ``P``). All checks are combined into one host synchronisation.
         """
         inv = self._inv
-        pivot = inv[row, row].item()
-        if not pivot > 0.0:
-            return None
         p = inv[:, row].clone()
-        inv.addr_(p, p, alpha=-1.0 / pivot)
+        pivot = p[row]
+        inv.addr_(p / pivot.clamp_min(torch.finfo(inv.dtype).tiny), p, alpha=-1.0)
         inv[row, :] = 0.0
         inv[:, row] = 0.0
         col = self._gram[:, row].clone()
-        diag = col[row].item() + self._shift
+        diag = col[row] + self._shift
         col[row] = 0.0
         u = inv @ col
-        sigma = diag - torch.dot(col, u).item()
-        if not sigma > 1e-13 * diag:
-            return None
+        sigma = diag - torch.dot(col, u)
         u[row] = -1.0
-        inv.addr_(u, u, alpha=1.0 / sigma)
+        inv.addr_(u / sigma.clamp_min(torch.finfo(inv.dtype).tiny), u)
         coeff, rel = self._refined_column(row)
-        return coeff if rel <= _RESIDUAL_TOL else None
+        stable = (pivot > 0) & (sigma > 1e-13 * diag) & (rel <= _RESIDUAL_TOL)  # NaN compares False
+        return coeff if bool(stable) else None
 
     # ------------------------------------------------------------------ hooks
     def _check_vector(self, vec: torch.Tensor, name: str) -> None:
