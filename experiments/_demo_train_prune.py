@@ -70,7 +70,7 @@ def train(
 def prune_curves(model: nn.Module, split, *, ngrads: int, damp: float, recompute: int,
                  sparsities=SPARSITIES) -> list[dict]:
     """Test accuracy (no fine-tuning) after one-shot magnitude and OBS (M-FAC) pruning."""
-    batches = list(minibatches(split.x_train, split.y_train, 16, generator=torch.Generator().manual_seed(1)))
+    batches = list(minibatches(split.x_train, split.y_train, 4, generator=torch.Generator().manual_seed(1)))
     rows = []
     for sparsity in tqdm(sparsities, desc="prune", leave=False):
         magnitude = copy.deepcopy(model)
@@ -90,9 +90,8 @@ def prune_curves(model: nn.Module, split, *, ngrads: int, damp: float, recompute
 
 def fisher_scale(model: nn.Module, split, ngrads: int) -> float:
     """The mean diagonal entry of ``(1/m) G^T G`` (the mean squared gradient entry) over pruned weights."""
-    batches = list(minibatches(split.x_train, split.y_train, 16, generator=torch.Generator().manual_seed(2)))
-    grads = mfac.collect_grads(model, _loss_fn, batches, ngrads, params=mfac.default_prunable(model),
-                               cycle=True)
+    batches = list(minibatches(split.x_train, split.y_train, 4, generator=torch.Generator().manual_seed(2)))
+    grads = mfac.collect_grads(model, _loss_fn, batches, ngrads, params=mfac.default_prunable(model))
     return float(grads.square().mean())
 
 
@@ -138,7 +137,8 @@ def run(out: Path, *, quick: bool, section) -> dict:
                               sparsities=sparsities)
     dense_acc = _accuracy(base, split.x_test, split.y_test)
     section(f"4. One-shot pruning of the Adam-trained MLP (dense test accuracy {dense_acc:.3f}; "
-            f"OBS: M-FAC with m={ngrads}, damp={damp:.2g} (the mean Fisher diagonal), joint update, {1 if quick else 4} recomputation steps; "
+            f"OBS: M-FAC with m={ngrads}, damp={damp:.2g} (the mean Fisher diagonal), joint update, "
+            f"{1 if quick else 4} recomputation steps; "
             "no fine-tuning)", prune_rows,
             {"magnitude_acc": ".3f", "mfac_obs_acc": ".3f", "obs_seconds": ".1f"})
 

@@ -33,13 +33,13 @@ def problems(draw, min_m: int = 0, max_m: int = 10, max_d: int = 24):
     # r = |g|^2 / damp the curvature-to-damping ratio. Cap r so that both stay below TOL / 10; damp
     # itself still spans 1e-8 .. 1e2 (the gradient scale adapts).
     cap = 1e6 if d > m else 1e3
-    ratio = scale * scale * d / damp
-    if ratio > cap:
-        scale *= math.sqrt(cap / ratio)
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     noise = torch.randn(m, d, generator=gen, dtype=torch.float64)
     common = torch.randn(1, d, generator=gen, dtype=torch.float64)
     grads = scale * (math.sqrt(1 - shared**2) * noise + shared * common)
+    ratio = grads.square().sum(1).amax().item() / damp if m else 0.0  # r of the drawn rows, not nominal
+    if ratio > cap:
+        grads *= math.sqrt(cap / ratio)
     return grads, damp
 
 
@@ -138,7 +138,7 @@ class TestSlidingAfterWraps(OperatorContract):
         wraps = data.draw(st.integers(0, 3)) if data is not None else 2
         extra = data.draw(st.integers(0, m)) if data is not None else 1
         gen = torch.Generator().manual_seed(m * 1000 + d)
-        scale = grads.abs().max().item() or 1.0
+        scale = grads.square().mean().sqrt().item() or 1.0  # older rows of the same r as the window's
         older = scale * torch.randn(wraps * m + extra, d, generator=gen, dtype=grads.dtype)
         op = mfac.SlidingInverseFisher(d, m, damp, dtype=grads.dtype)
         for g in torch.cat([older, grads]):

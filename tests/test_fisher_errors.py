@@ -108,3 +108,38 @@ def test_device_mismatch():
     op = sliding()
     with pytest.raises(ValueError, match=r"x must be on device cpu \(the operator's\), got cuda"):
         op.mul(torch.randn(6, device="cuda"))
+
+
+@pytest.mark.parametrize(
+    ("block_size", "route"), [(None, "woodbury"), (4, "woodbury"), (2, "direct")]
+)
+@pytest.mark.parametrize(("bad", "message"), [(math.nan, r"1 NaN and 0 inf"), (-math.inf, r"0 NaN and 1 inf")])
+def test_static_nonfinite_found_on_every_route(block_size, route, bad, message):
+    """The static build checks finiteness on the Gram diagonal it forms anyway, on every route."""
+    grads = torch.randn(3, 7)
+    grads[2, 5] = bad
+    keep = grads.clone()
+    with pytest.raises(ValueError, match=r"grads must be finite, got " + message):
+        mfac.StaticInverseFisher(grads, 1e-2, block_size=block_size, overwrite=block_size is None)
+    assert torch.equal(grads.isnan(), keep.isnan())  # the input is untouched even with overwrite=True
+    assert torch.equal(grads.nan_to_num(), keep.nan_to_num())
+    ok = grads.nan_to_num(0.0, 0.0, 0.0)
+    assert mfac.StaticInverseFisher(ok, 1e-2, block_size=block_size).route == route
+
+
+def test_static_nonfinite_message_names_the_rows():
+    grads = torch.randn(12, 20)  # d > m: the Woodbury route, which checks row norms
+    grads[3, 0] = math.nan
+    grads[9, 4] = math.inf
+    with pytest.raises(ValueError, match=r"1 NaN and 1 inf entries \(rows \[3, 9\]\)"):
+        mfac.StaticInverseFisher(grads, 1e-2)
+
+
+def test_static_overflowing_squared_norms_are_refused():
+    """Finite float32 entries whose squares overflow float32 would poison the Gram matrix silently."""
+    grads = torch.ones(2, 4)
+    grads[1] = 1e20  # squares: 1e40 > float32 max
+    with pytest.raises(ValueError, match=r"squared norms overflow torch.float32 \(rows \[1\]\)"):
+        mfac.StaticInverseFisher(grads, 1e-2)
+    op = mfac.StaticInverseFisher(grads.double(), 1e-2)  # fine in float64
+    assert torch.isfinite(op.diag()).all()

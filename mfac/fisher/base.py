@@ -164,8 +164,11 @@ class InverseFisher(abc.ABC):
         """``F^{-1}[idx][:, idx]`` for a validated long index tensor on the operator's device."""
 
 
-def check_grads(grads: torch.Tensor, name: str = "grads") -> torch.Tensor:
-    """Validate an ``(m, d)`` gradient matrix: a floating tensor with d >= 1 and finite entries."""
+def check_grads(grads: torch.Tensor, name: str = "grads", *, finite: bool = True) -> torch.Tensor:
+    """Validate an ``(m, d)`` gradient matrix: a floating tensor with d >= 1 (and finite entries).
+
+    ``finite=False`` skips the finiteness pass, for callers that check it more cheaply themselves.
+    """
     if not isinstance(grads, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (m, d), got {type(grads).__name__}")
     if grads.dim() != 2:
@@ -174,7 +177,8 @@ def check_grads(grads: torch.Tensor, name: str = "grads") -> torch.Tensor:
         raise TypeError(f"{name} must be a floating tensor, got dtype {grads.dtype}")
     if grads.shape[1] < 1:
         raise ValueError(f"{name} must have d >= 1 columns, got shape {tuple(grads.shape)}")
-    from mfac.numerics import check_finite
+    if finite:
+        from mfac.numerics import check_finite
 
-    check_finite(grads, name)
+        check_finite(grads, name)
     return grads
