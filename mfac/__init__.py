@@ -1,6 +1,7 @@
 """mfac: matrix-free inverse-Fisher curvature (M-FAC) for PyTorch.
 
 Importing mfac has no side effects: no global flags, no default dtypes, no logging configuration.
+The pruning API's main entry points are re-exported here; all of it lives in :mod:`mfac.prune`.
 Multi-process sharding lives in :mod:`mfac.distributed` (imported on demand).
 """
 
@@ -14,6 +15,15 @@ from mfac.fisher import (
 from mfac.numerics import MFACWarning, NotPositiveDefiniteError, NumericalWarning
 from mfac.optim import MFAC, MFACPreconditioner
 from mfac.params import ParamSpace, default_prunable
+from mfac.prune import (
+    CubicSchedule,
+    GradualPruner,
+    MaskHandle,
+    StepSchedule,
+    apply_masks,
+    obs_scores,
+    prune_oneshot,
+)
 
 __version__ = "0.1.0"
 
@@ -26,6 +36,14 @@ __all__ = [
     # optimization
     "MFAC",
     "MFACPreconditioner",
+    # pruning (more in mfac.prune)
+    "CubicSchedule",
+    "GradualPruner",
+    "MaskHandle",
+    "StepSchedule",
+    "apply_masks",
+    "obs_scores",
+    "prune_oneshot",
     # gradients and parameters
     "ParamSpace",
     "collect_grads",
