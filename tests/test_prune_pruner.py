@@ -368,3 +368,43 @@ def test_prune_on_device(device, dtype):
     apply_masks(model, masks, optimizers=opt)
     _train(model, opt, data, steps=3)
     assert all(bool((params[n][~masks[n]] == 0).all()) for n in NAMES)
+
+
+@pytest.mark.parametrize("curvature", ["fisher", "diagonal"])
+@pytest.mark.parametrize("update", ["joint", "independent"])
+def test_relative_damp_is_damp_times_the_mean_fisher_diagonal(curvature, update):
+    """``relative_damp=True`` equals the absolute damp ``damp * mean(G^2)`` of the same gradients."""
+    data, m = _data(), 16
+    model = _model()
+    grads = collect_grads(model, loss_fn, data, m, params=NAMES)
+    mu = grads.square().mean().item()  # the mean diagonal entry of (1/m) G^T G
+    rel, ab = _copy(model), _copy(model)
+    kw = {"ngrads": m, "update": update, "curvature": curvature, "params": NAMES}
+    masks_rel = prune_oneshot(rel, loss_fn, data, 0.5, damp=0.3, relative_damp=True, **kw)
+    masks_abs = prune_oneshot(ab, loss_fn, data, 0.5, damp=0.3 * mu, **kw)
+    for name in NAMES:
+        assert torch.equal(masks_rel[name], masks_abs[name])
+    for p, q in zip(rel.parameters(), ab.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    s_rel = obs_scores(model, loss_fn, data, ngrads=m, damp=0.3, relative_damp=True, params=NAMES)
+    s_abs = obs_scores(model, loss_fn, data, ngrads=m, damp=0.3 * mu, params=NAMES)
+    for name in NAMES:
+        torch.testing.assert_close(s_rel[name], s_abs[name], rtol=1e-10, atol=0.0)
+    # and it differs from reading 0.3 as absolute (the test can fail)
+    s_plain = obs_scores(model, loss_fn, data, ngrads=m, damp=0.3, params=NAMES)
+    assert not torch.allclose(s_plain[NAMES[0]], s_rel[NAMES[0]], rtol=1e-3)
+
+
+def test_relative_damp_refuses_zero_gradients_and_custom_curvatures():
+    model = _model()
+    zero = [(torch.zeros(4, 8, dtype=torch.float64), torch.zeros(4, dtype=torch.long))] * 8
+
+    def flat(model, batch):  # a loss with zero gradient everywhere
+        return 0.0 * loss_fn(model, batch)
+
+    with pytest.raises(ValueError, match="relative_damp needs gradients with a finite, positive mean"):
+        prune_oneshot(model, flat, zero, 0.5, ngrads=8, damp=0.1, relative_damp=True)
+    from mfac.prune import IdentityCurvature
+
+    with pytest.raises(ValueError, match="relative_damp is an option of the built-in curvatures"):
+        prune_oneshot(model, loss_fn, _data(), 0.5, curvature=IdentityCurvature(), relative_damp=True)

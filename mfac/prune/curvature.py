@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -107,6 +108,10 @@ class FisherCurvature(Curvature):
             ``train``, ``progress``).
         retain_grads: keep ``G`` after the build (needed by the ``"joint"`` update). Without it the build
             reuses ``G``'s memory (peak ``m k`` instead of ``2 m k`` entries).
+        relative_damp: ``damp`` is a multiple of the Fisher's own scale, the mean diagonal entry
+            ``mu = |G|_F^2 / (m k)`` of ``(1/m) G^T G`` of each (re)computation: the damp used is
+            ``damp * mu`` (kept in :attr:`last_damp`). Scale-free: the same value works across models,
+            losses and sparsities (0.1 to 1 is a good start for the joint update).
     """
 
     def __init__(
@@ -119,8 +124,12 @@ class FisherCurvature(Curvature):
         block_size: int | None = None,
         collect: Mapping[str, Any] | None = None,
         retain_grads: bool = True,
+        relative_damp: bool = False,
     ) -> None:
         self.retain_grads = bool(retain_grads)
+        self.relative_damp = bool(relative_damp)
+        #: the absolute damp of the latest ``prepare`` (``damp``, or ``damp * mu`` when relative).
+        self.last_damp: float | None = None
         self.loss_fn = loss_fn
         self.data = data
         self.ngrads = check_positive_int(ngrads, "ngrads")
@@ -145,12 +154,25 @@ class FisherCurvature(Curvature):
             **self.collect,
         )
 
+    def _damp_for(self, grads: torch.Tensor) -> float:
+        """Return the absolute damp for this ``G``: ``damp``, or ``damp * |G|_F^2 / (m k)`` if relative."""
+        damp = self.damp
+        if self.relative_damp:
+            scale = float(torch.linalg.vector_norm(grads, dtype=torch.float64)) ** 2 / max(grads.numel(), 1)
+            if not (math.isfinite(scale) and scale > 0.0):
+                raise ValueError(
+                    f"relative_damp needs gradients with a finite, positive mean square, got {scale}"
+                )
+            damp *= scale
+        self.last_damp = damp
+        return damp
+
     def prepare(self, model: nn.Module, space: ParamSpace) -> None:
         """Collect ``G`` (``m x k``) at the current weights; build ``F^{-1}`` and its diagonal."""
         self.release()
         grads = self._gradients(model, space)  # shape: (m, k)
         self._finv = StaticInverseFisher(
-            grads, self.damp, block_size=self.block_size, overwrite=not self.retain_grads
+            grads, self._damp_for(grads), block_size=self.block_size, overwrite=not self.retain_grads
         )
         self._grads = grads if self.retain_grads else None
         self._diag = self._finv.diag()
@@ -173,7 +195,7 @@ class FisherCurvature(Curvature):
         self._finv = None  # free the factor before the second build
         grads, self._grads = self._grads, None
         return restricted_joint_update(
-            w, grads, self.damp, removed, block_size=self.block_size, overwrite=True
+            w, grads, self.last_damp, removed, block_size=self.block_size, overwrite=True
         )
 
     def release(self) -> None:
@@ -192,7 +214,7 @@ class DiagonalFisherCurvature(FisherCurvature):
         """Collect ``G`` and keep only ``damp + mean(G^2)`` per coordinate."""
         self.release()
         grads = self._gradients(model, space)
-        self._diag_fisher = grads.square().mean(dim=0).add_(self.damp)
+        self._diag_fisher = grads.square().mean(dim=0).add_(self._damp_for(grads))
         del grads
 
     def saliency(self, w: torch.Tensor) -> torch.Tensor:

@@ -136,8 +136,11 @@ def _make_curvature(
     damp: float | None,
     block_size: int | None,
     collect: Mapping[str, Any] | None,
+    relative_damp: bool = False,
 ) -> Curvature:
     if isinstance(curvature, Curvature):
+        if relative_damp:
+            raise ValueError("relative_damp is an option of the built-in curvatures; set it on yours")
         return curvature
     if curvature not in ("fisher", "diagonal", "identity"):
         raise ValueError(
@@ -150,7 +153,9 @@ def _make_curvature(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
     if curvature == "diagonal":
-        return DiagonalFisherCurvature(loss_fn, data, ngrads=ngrads, damp=damp, collect=collect)
+        return DiagonalFisherCurvature(
+            loss_fn, data, ngrads=ngrads, damp=damp, collect=collect, relative_damp=relative_damp
+        )
     return FisherCurvature(
         loss_fn,
         data,
@@ -159,6 +164,7 @@ def _make_curvature(
         block_size=block_size,
         collect=collect,
         retain_grads=update == "joint",
+        relative_damp=relative_damp,
     )
 
 
@@ -317,6 +323,7 @@ def obs_scores(
     masks: Mapping[str, torch.Tensor] | None = None,
     curvature: str | Curvature = "fisher",
     collect: Mapping[str, Any] | None = None,
+    relative_damp: bool = False,
 ) -> dict[str, torch.Tensor]:
     r"""OBS saliencies ``rho_q = w_q^2 / (2 [F^{-1}]_qq)`` keyed by parameter name, shaped like each.
 
@@ -338,13 +345,17 @@ def obs_scores(
         curvature: ``"fisher"`` (M-FAC), ``"diagonal"`` (OBD) or ``"identity"`` (magnitude), or a
             :class:`~mfac.prune.Curvature`.
         collect: extra keyword arguments for :func:`~mfac.collect.collect_grads`.
+        relative_damp: read ``damp`` as a multiple of the mean diagonal of ``(1/m) G^T G`` (see
+            :class:`~mfac.prune.FisherCurvature`).
 
     Cost: collecting ``m`` gradients + one build ``O(m^2 d)`` + ``diag`` ``O(md)``.
     Memory: about ``2 m d`` entries (``m = 1024``, ``d = 270k``, float32: 2.2 GB).
     """
     names = _resolve_names(model, params)
     keep = _initial_keep(model, names, masks)
-    source = _make_curvature(curvature, "none", loss_fn, data, ngrads, damp, block_size, collect)
+    source = _make_curvature(
+        curvature, "none", loss_fn, data, ngrads, damp, block_size, collect, relative_damp
+    )
     space = ParamSpace.from_module(model, names, masks=keep)
     source.prepare(model, space)
     w = space.param_vector(masked=True)
@@ -371,6 +382,7 @@ def prune_oneshot(
     curvature: str | Curvature = "fisher",
     collect: Mapping[str, Any] | None = None,
     progress: bool = False,
+    relative_damp: bool = False,
 ) -> dict[str, torch.Tensor]:
     r"""Prune ``model`` in place with OBS (weights zeroed and updated); return the masks (True = kept).
 
@@ -401,6 +413,9 @@ def prune_oneshot(
         collect: extra keyword arguments for :func:`~mfac.collect.collect_grads` (``per_sample``, ``cycle``,
             ``train``, ``progress``).
         progress: a tqdm bar over the steps.
+        relative_damp: read ``damp`` as a multiple of the Fisher's own scale, the mean diagonal entry of
+            ``(1/m) G^T G`` at each (re)computation (see :class:`~mfac.prune.FisherCurvature`): scale-free,
+            ``damp=0.1`` to ``1`` is a good start for the joint update.
 
     Returns:
         ``{name: bool mask}`` of the pruned parameters. Keep them applied while fine-tuning with
@@ -413,7 +428,9 @@ def prune_oneshot(
     check_update(update)
     names = _resolve_names(model, params)
     keep = _initial_keep(model, names, masks)
-    source = _make_curvature(curvature, update, loss_fn, data, ngrads, damp, block_size, collect)
+    source = _make_curvature(
+        curvature, update, loss_fn, data, ngrads, damp, block_size, collect, relative_damp
+    )
     selectors = _selectors(keep, sparsity, recompute, pattern, scope)
     return prune_with(model, source, selectors, names, keep, update, progress=progress)
 
