@@ -51,7 +51,6 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,7 @@ from typing import Any
 
 import torch
 
+from experiments._memory import current_rss, peak_rss, reset_peak
 from experiments._paper_reference import (
     PaperSlidingWindow,
     diag_rowloop,
@@ -460,27 +460,6 @@ def run_apply(ctx: Context, m: int, d: int, grads: torch.Tensor, op: StaticInver
 
 
 # ---------------------------------------------------------------------- memory (child processes)
-def _current_rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss(reset_ok: bool) -> int:
-    if reset_ok:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _memory_child(m: int, d: int, modes: Sequence[bool], seed: int, threads: int) -> list[dict]:
@@ -497,14 +476,14 @@ def _memory_child(m: int, d: int, modes: Sequence[bool], seed: int, threads: int
     nbytes = m * d * BYTES
     out = []
     for overwrite in modes:
-        base = _current_rss()
+        base = current_rss()
         grads = torch.empty(m, d, dtype=DTYPE)
         gen.fill(grads, seed=seed + 1)
-        after_input = _current_rss()
-        reset_ok = _reset_peak()
+        after_input = current_rss()
+        reset_ok = reset_peak()
         op = StaticInverseFisher(grads, TIMING_DAMP, overwrite=overwrite)
-        peak = _peak_rss(reset_ok)
-        retained = _current_rss()
+        peak = peak_rss(reset_ok)
+        retained = current_rss()
         del op, grads
         out.append({
             "overwrite": overwrite,

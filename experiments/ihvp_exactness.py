@@ -76,6 +76,7 @@ if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments._data import load_digits_split, minibatches
+from experiments._memory import current_rss, peak_rss, reset_peak
 from experiments._models import mlp
 from experiments._paper_reference import (
     PaperSlidingWindow,
@@ -432,29 +433,6 @@ def cost_slopes(cost: dict[str, list[dict]]) -> dict[str, float | None]:
 
 
 # ====================================================================== 3. memory
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak(reset_ok: bool) -> int:
-    if reset_ok:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_memory(sizes: Sequence[tuple[int, int]], seed: int) -> list[dict]:
@@ -467,8 +445,8 @@ def measure_memory(sizes: Sequence[tuple[int, int]], seed: int) -> list[dict]:
         grads = GradientGenerator(d, seed=seed).rows(m, seed=seed + 1)
         row: dict[str, Any] = {"m": m, "d": d, "input_bytes": unit}
         for name in ("static", "recursion", "sliding"):
-            base = _rss()
-            ok = _reset_peak()
+            base = current_rss()
+            ok = reset_peak()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", MFACWarning)
                 if name == "static":
@@ -480,8 +458,8 @@ def measure_memory(sizes: Sequence[tuple[int, int]], seed: int) -> list[dict]:
                     for g in grads:
                         held.update(g)
                     held.update_mul(grads[0])
-            peak = _peak(ok)
-            retained = _rss()
+            peak = peak_rss(ok)
+            retained = current_rss()
             del held
             row[f"{name}_peak_bytes"] = peak - base
             row[f"{name}_peak_multiple"] = (peak - base) / unit

@@ -39,6 +39,9 @@ from mfac.numerics import (
 
 __all__ = ["StaticInverseFisher"]
 
+#: entries of ``Q`` squared at a time by ``diag`` (1 MiB of float32: cache-sized).
+_DIAG_SLAB = 1 << 18
+
 
 class StaticInverseFisher(InverseFisher):
     r"""``F^{-1}`` for ``F = damp I + (1/m) G^T G`` over a fixed gradient matrix (pruning, analysis).
@@ -245,9 +248,33 @@ class StaticInverseFisher(InverseFisher):
         if self.route == "direct":
             diag = self._inv_blocks.diagonal(dim1=-2, dim2=-1)
         else:
-            colsq = torch.linalg.vector_norm(self._q, dim=-2).square_()  # (nb, B), one pass
-            diag = colsq.neg_().add_(1.0).div_(self._damp)
+            diag = self._column_sq_norms().neg_().add_(1.0).div_(self._damp)  # (nb, B)
         return diag.reshape(-1)[: self._dim].clone()
+
+    def _column_sq_norms(self) -> torch.Tensor:
+        """``colsum(Q * Q)`` per block, shape ``(nb, B)``: one pass over the row-major ``Q``.
+
+        Reductions over the strided ``m`` axis (``vector_norm(Q, dim=-2)``, ``einsum``) run 5-20x slower
+        than a pass; squaring a cache-sized slab of columns (``_DIAG_SLAB`` entries) into a scratch
+        buffer and summing it is within about 2x of one.
+        """
+        q = self._q  # (nb, m, B)
+        nb, m, width = q.shape
+        out = torch.empty(nb, width, dtype=self._dtype, device=self._device)
+        if nb == 1:  # slabs of columns
+            step = max(64, _DIAG_SLAB // m)
+            scratch = torch.empty(m, min(step, width), dtype=self._dtype, device=self._device)
+            for start in range(0, width, step):
+                cols = q[0, :, start : start + step]
+                tmp = scratch[:, : cols.shape[1]]
+                torch.mul(cols, cols, out=tmp)
+                torch.sum(tmp, 0, out=out[0, start : start + step])
+        else:  # slabs of blocks
+            step = max(1, _DIAG_SLAB // (m * width))
+            for start in range(0, nb, step):
+                blocks = q[start : start + step]
+                torch.sum(blocks * blocks, 1, out=out[start : start + step])
+        return out
 
     def _submatrix(self, idx: torch.Tensor) -> torch.Tensor:
         same_coord = (idx[:, None] == idx[None, :]).to(self._dtype)
