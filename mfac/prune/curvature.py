@@ -110,8 +110,9 @@ class FisherCurvature(Curvature):
             reuses ``G``'s memory (peak ``m k`` instead of ``2 m k`` entries).
         relative_damp: ``damp`` is a multiple of the Fisher's own scale, the mean diagonal entry
             ``mu = |G|_F^2 / (m k)`` of ``(1/m) G^T G`` of each (re)computation: the damp used is
-            ``damp * mu`` (kept in :attr:`last_damp`). Scale-free: the same value works across models,
-            losses and sparsities (0.1 to 1 is a good start for the joint update).
+            ``damp * mu`` (:attr:`last_damp` while the estimate is held; a ``DEBUG`` log line too).
+            Scale-free: the same value works across models, losses and sparsities (0.1 to 1 is a good
+            start for the joint update).
     """
 
     def __init__(
@@ -128,7 +129,8 @@ class FisherCurvature(Curvature):
     ) -> None:
         self.retain_grads = bool(retain_grads)
         self.relative_damp = bool(relative_damp)
-        #: the absolute damp of the latest ``prepare`` (``damp``, or ``damp * mu`` when relative).
+        #: the absolute damp of the current estimate (``damp``, or ``damp * mu`` when relative); None
+        #: before ``prepare`` and after ``release``.
         self.last_damp: float | None = None
         self.loss_fn = loss_fn
         self.data = data
@@ -165,6 +167,10 @@ class FisherCurvature(Curvature):
                 )
             damp *= scale
         self.last_damp = damp
+        if self.relative_damp:
+            logger.debug(
+                "relative_damp: damp %g x mean Fisher diagonal %g = %g", self.damp, damp / self.damp, damp
+            )
         return damp
 
     def prepare(self, model: nn.Module, space: ParamSpace) -> None:
@@ -194,13 +200,16 @@ class FisherCurvature(Curvature):
             raise RuntimeError("the joint update needs the gradients: build with retain_grads=True")
         self._finv = None  # free the factor before the second build
         grads, self._grads = self._grads, None
+        # a subclass's own ``prepare`` may not have set ``last_damp``: derive it from ``G`` then
+        damp = self.last_damp if self.last_damp is not None else self._damp_for(grads)
         return restricted_joint_update(
-            w, grads, self.last_damp, removed, block_size=self.block_size, overwrite=True
+            w, grads, damp, removed, block_size=self.block_size, overwrite=True
         )
 
     def release(self) -> None:
         """Drop ``G``, ``F^{-1}`` and its diagonal."""
         self._grads = self._finv = self._diag = None
+        self.last_damp = None
 
 
 class DiagonalFisherCurvature(FisherCurvature):
