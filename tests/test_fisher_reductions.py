@@ -152,22 +152,3 @@ def test_overwrite_reuses_input_memory():
     assert rel_err(op.mul(x), dense_inverse(keep, 1e-2) @ x) <= 1e-10
     op2 = mfac.StaticInverseFisher(keep, 1e-2)  # default: input untouched
     assert op2._q.data_ptr() != keep.data_ptr()
-
-
-@pytest.mark.parametrize("block_size", [None, 9])
-def test_static_diag_in_many_slabs(monkeypatch, block_size):
-    """``diag`` squares ``Q`` slab by slab; tiny slabs (many of them, a ragged last one) change nothing."""
-    import mfac.fisher.static as static
-
-    torch.manual_seed(8)
-    grads = torch.randn(5, 203, dtype=torch.float64)
-    op = mfac.StaticInverseFisher(grads, 1e-2, block_size=block_size)
-    assert op.route == "woodbury"
-    whole = op.diag()
-    monkeypatch.setattr(static, "_DIAG_SLAB", 7)
-    sliced = op.diag()
-    ref = dense_inverse(grads, 1e-2) if block_size is None else torch.block_diag(
-        *[dense_inverse(grads[:, s : s + 9], 1e-2) for s in range(0, 203, 9)]
-    )
-    assert rel_err(sliced, ref.diagonal()) <= 1e-10
-    assert rel_err(sliced, whole) <= 1e-13

@@ -39,8 +39,6 @@ from mfac.numerics import (
 
 __all__ = ["StaticInverseFisher"]
 
-#: entries of ``Q`` squared at a time by ``diag`` (1 MiB of float32: cache-sized).
-_DIAG_SLAB = 1 << 18
 
 
 class StaticInverseFisher(InverseFisher):
@@ -254,26 +252,15 @@ class StaticInverseFisher(InverseFisher):
     def _column_sq_norms(self) -> torch.Tensor:
         """``colsum(Q * Q)`` per block, shape ``(nb, B)``: one pass over the row-major ``Q``.
 
-        Reductions over the strided ``m`` axis (``vector_norm(Q, dim=-2)``, ``einsum``) run 5-20x slower
-        than a pass; squaring a cache-sized slab of columns (``_DIAG_SLAB`` entries) into a scratch
-        buffer and summing it is within about 2x of one.
+        Accumulates ``q_i * q_i`` row by row (``addcmul_``; the ``(nb, B)`` accumulator stays in cache
+        for moderate ``d``). Reductions over the strided ``m`` axis (``vector_norm(Q, dim=-2)``,
+        ``einsum``) measured 5-20x slower than a pass, squared column slabs 1.6-3x; this loop 0.9-1.6x.
         """
         q = self._q  # (nb, m, B)
-        nb, m, width = q.shape
-        out = torch.empty(nb, width, dtype=self._dtype, device=self._device)
-        if nb == 1:  # slabs of columns
-            step = max(64, _DIAG_SLAB // m)
-            scratch = torch.empty(m, min(step, width), dtype=self._dtype, device=self._device)
-            for start in range(0, width, step):
-                cols = q[0, :, start : start + step]
-                tmp = scratch[:, : cols.shape[1]]
-                torch.mul(cols, cols, out=tmp)
-                torch.sum(tmp, 0, out=out[0, start : start + step])
-        else:  # slabs of blocks
-            step = max(1, _DIAG_SLAB // (m * width))
-            for start in range(0, nb, step):
-                blocks = q[start : start + step]
-                torch.sum(blocks * blocks, 1, out=out[start : start + step])
+        out = torch.zeros(q.shape[0], q.shape[2], dtype=self._dtype, device=self._device)
+        for i in range(q.shape[1]):
+            row = q[:, i, :]
+            out.addcmul_(row, row)
         return out
 
     def _submatrix(self, idx: torch.Tensor) -> torch.Tensor:
