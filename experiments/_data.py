@@ -57,3 +57,59 @@ def minibatches(
     for start in range(0, len(x), batch_size):
         idx = order[start : start + batch_size]
         yield x[idx], y[idx]
+
+
+def split_from_datasets(
+    train, test, *, limit: int | None = None, dtype: torch.dtype = torch.float32
+) -> Split:
+    """A :class:`Split` from two map-style datasets of ``(image, label)`` pairs (e.g. torchvision's).
+
+    Images may be tensors or arrays of shape ``(C, H, W)`` or ``(H, W)`` (one channel is added). Pixels
+    are standardised with the training set's mean and standard deviation (one scalar each), as in
+    :func:`load_digits_split`. ``limit`` keeps the first ``limit`` examples of each set (for a quick run).
+    Everything is loaded into memory: fine for MNIST or CIFAR-10 (under 1 GB in float32).
+    """
+
+    def tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(dataset) if limit is None else min(limit, len(dataset))
+        if n == 0:
+            raise ValueError("the dataset is empty")
+        images, labels = [], []
+        for i in range(n):
+            image, label = dataset[i]
+            image = torch.as_tensor(image, dtype=torch.float64)
+            images.append(image.unsqueeze(0) if image.dim() == 2 else image)
+            labels.append(int(label))
+        return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+    x_train, y_train = tensors(train)
+    x_test, y_test = tensors(test)
+    mean, std = x_train.mean(), x_train.std()
+    return Split(((x_train - mean) / std).to(dtype), y_train, ((x_test - mean) / std).to(dtype), y_test)
+
+
+def load_split(
+    dataset: str = "digits", *, root: str = "data", seed: int = 0, limit: int | None = None
+) -> Split:
+    """Load ``"digits"`` (scikit-learn's, no download) or ``"torchvision:NAME"`` as a :class:`Split`.
+
+    ``NAME`` is a class of ``torchvision.datasets`` with ``train=`` (``CIFAR10``, ``MNIST``, ...),
+    downloaded to ``root`` by torchvision (internet the first time). ``seed`` picks the digits split.
+    """
+    if dataset == "digits":
+        return load_digits_split(seed=seed)
+    prefix = "torchvision:"
+    if not dataset.startswith(prefix):
+        raise ValueError(f"dataset must be 'digits' or 'torchvision:NAME', got {dataset!r}")
+    try:
+        import torchvision
+        from torchvision.transforms import ToTensor
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(f"{dataset} needs torchvision (pip install torchvision)") from err
+    name = dataset[len(prefix) :]
+    cls = getattr(torchvision.datasets, name, None)
+    if cls is None:
+        raise ValueError(f"torchvision.datasets has no {name!r}")
+    train = cls(root, train=True, download=True, transform=ToTensor())
+    test = cls(root, train=False, download=True, transform=ToTensor())
+    return split_from_datasets(train, test, limit=limit)

@@ -80,3 +80,25 @@ def resnet20_like(num_classes: int = 10, in_channels: int = 3, width: int = 16) 
             cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
     return nn.Sequential(*layers)
+
+
+def build_model(
+    name: str, image_shape: tuple[int, ...], num_classes: int = 10, *, hidden: tuple[int, ...] = (128,)
+) -> nn.Module:
+    """``"mlp"``, ``"cnn"`` or ``"resnet20"`` for images of shape ``(C, H, W)`` (digits: ``(1, 8, 8)``).
+
+    The MLP (hidden widths ``hidden``) and CNN keep their digits architectures (9,610 and 9,930
+    parameters there) with the input size adapted; ResNet-20 suits 32x32 RGB (CIFAR-10) and is
+    global-pooled, so any size works.
+    """
+    channels, height, width = image_shape
+    key = name.lower()
+    if key == "mlp":
+        return mlp(in_features=channels * height * width, hidden=hidden, num_classes=num_classes)
+    if key == "cnn":
+        if height != width:
+            raise ValueError(f"the small CNN wants square images, got {height}x{width}")
+        return small_cnn(in_channels=channels, num_classes=num_classes, side=height)
+    if key == "resnet20":
+        return resnet20_like(num_classes=num_classes, in_channels=channels)
+    raise ValueError(f"model must be 'mlp', 'cnn' or 'resnet20', got {name!r}")

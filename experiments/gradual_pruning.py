@@ -69,8 +69,8 @@ from tqdm.auto import tqdm
 if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments._data import Split, load_digits_split, minibatches
-from experiments._models import count_parameters, mlp, small_cnn
+from experiments._data import Split, load_split, minibatches
+from experiments._models import build_model, count_parameters
 from mfac.collect import collect_grads
 from mfac.params import default_prunable, writable_parameter
 from mfac.prune import CubicSchedule, GradualPruner, mask_sparsity
@@ -99,6 +99,8 @@ DEFAULTS: dict[str, Any] = {
     "update": "independent",
     "validation": False,
     "block_size": 128,
+    "dataset": "digits",
+    "data_root": "data",
 }
 QUICK: dict[str, Any] = {
     "models": ["mlp"],
@@ -130,12 +132,8 @@ class Batches:
         return minibatches(self.x, self.y, self.batch_size, generator=self.gen)
 
 
-def build(name: str) -> nn.Module:
-    if name == "mlp":
-        return mlp(hidden=(128, 64))
-    if name == "cnn":
-        return small_cnn()
-    raise ValueError(f"unknown model {name!r}; choose from mlp, cnn")
+def build(name: str, image_shape: tuple[int, ...] = (1, 8, 8)) -> nn.Module:
+    return build_model(name, image_shape, hidden=(128, 64))
 
 
 @torch.no_grad()
@@ -153,7 +151,7 @@ def make_sgd(model: nn.Module, cfg: dict) -> torch.optim.SGD:
 
 def pretrain(name: str, seed: int, split, cfg: dict) -> nn.Module:
     torch.manual_seed(seed)
-    model = build(name)
+    model = build(name, tuple(split.x_train.shape[1:]))
     opt = make_sgd(model, cfg)
     gen = torch.Generator().manual_seed(10_000 + seed)
     model.train()
@@ -256,9 +254,9 @@ def run_one(dense: nn.Module, name: str, method: str, target: float, seed: int, 
 
 
 # ====================================================================== driver
-def validation_split() -> Split:
+def validation_split(dataset: str = "digits", root: str = "data") -> Split:
     """The training set cut 80/20 (fixed permutation): train on 80 %, "test" on the held-out 20 %."""
-    full = load_digits_split(seed=0)
+    full = load_split(dataset, root=root, seed=0)
     perm = torch.randperm(len(full.x_train), generator=torch.Generator().manual_seed(123))
     nval = len(perm) // 5
     val, tr = perm[:nval], perm[nval:]
@@ -266,7 +264,8 @@ def validation_split() -> Split:
 
 
 def run(cfg: dict, progress: bool) -> dict[str, Any]:
-    split = validation_split() if cfg["validation"] else load_digits_split(seed=0)
+    data = {"dataset": cfg["dataset"], "root": cfg["data_root"]}
+    split = validation_split(**data) if cfg["validation"] else load_split(**data, seed=0)
     jobs = [(name, seed) for name in cfg["models"] for seed in range(cfg["seeds"])]
     per_job = len(cfg["targets"]) * len(cfg["methods"])
     bar = tqdm(total=len(jobs) * per_job, desc="gradual pruning runs", disable=not progress)
@@ -418,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few seconds: MLP, 90 %%, 1 seed, 5 epochs")
     p.add_argument("--out", type=Path, default=Path("results/gradual_pruning"),
                    help="output folder (default: results/gradual_pruning/)")
-    p.add_argument("--models", nargs="+", choices=["mlp", "cnn"], default=None,
+    p.add_argument("--models", nargs="+", choices=["mlp", "cnn", "resnet20"], default=None,
                    help=f"models (default: {' '.join(d['models'])})")
     p.add_argument("--targets", type=float, nargs="+", default=None,
                    help=f"target sparsities (default: {d['targets']})")
@@ -449,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: these models are tiny; more threads only stall on a "
                         "loaded machine)")
+    p.add_argument("--dataset", default=None,
+                   help="'digits' (default) or 'torchvision:NAME' (e.g. torchvision:CIFAR10; needs "
+                        "torchvision and internet)")
+    p.add_argument("--data-root", default=None, help="torchvision download folder (default data)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 

@@ -36,12 +36,12 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments._data import load_digits_split, minibatches
-from experiments._models import count_parameters, mlp, resnet20_like, small_cnn
+from experiments._data import load_split, minibatches
+from experiments._models import build_model, count_parameters, resnet20_like
 from mfac.optim import MFAC
 
 DEFAULT_OUT = Path("results/optimizer_comparison")
-MODELS = {"MLP": mlp, "CNN": small_cnn}
+MODELS = ("MLP", "CNN", "ResNet20")  # build_model names; the default run trains the first two
 
 
 @dataclass
@@ -67,6 +67,9 @@ class Config:
     timing_width: int = 16  # ResNet-20 width (16: the real one, 272k parameters)
     timing_batch: int = 32
     timing_steps: int = 20  # steady-state steps timed per optimizer
+    dataset: str = "digits"  # or "torchvision:CIFAR10", "torchvision:MNIST", ... (experiments/_data.py)
+    models: tuple[str, ...] = ("MLP", "CNN")
+    device: str = "cpu"
 
     @classmethod
     def quick(cls) -> Config:
@@ -109,11 +112,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return loss, (logits.argmax(1) == y).double().mean().item()
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings mean something off the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_run(model_name: str, opt_name: str, lr: float, seed: int, data, cfg: Config) -> dict:
     """One training run; the seed fixes the initialisation and the mini-batch order."""
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
-    model = MODELS[model_name]()
+    model = build_model(model_name, tuple(x_train.shape[1:])).to(x_train.device)
     opt = make_optimizer(opt_name, model.parameters(), lr, cfg)
     gen = torch.Generator().manual_seed(seed)
     curve, steps, step_time, opt_time = [], 0, 0.0, 0.0
@@ -121,15 +130,18 @@ def train_run(model_name: str, opt_name: str, lr: float, seed: int, data, cfg: C
     for epoch in range(cfg.epochs):
         losses = []
         for xb, yb in minibatches(x_train, y_train, cfg.batch_size, generator=gen):
+            _sync(xb.device)
             start = time.perf_counter()
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(xb), yb)
             loss.backward()
+            _sync(xb.device)
             mid = time.perf_counter()
             try:
                 opt.step()
             except ValueError:  # MFAC refuses a non-finite gradient: the run diverged
                 diverged = True
+            _sync(xb.device)
             end = time.perf_counter()
             step_time += end - start
             opt_time += end - mid
@@ -198,7 +210,7 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 def _order(key: tuple[str, str, float]) -> tuple[int, int, float]:
     model, opt, lr = key
-    return (list(MODELS).index(model), ["MFAC", "SGD", "Adam"].index(opt), lr)
+    return (MODELS.index(model), ["MFAC", "SGD", "Adam"].index(opt), lr)
 
 
 def best_rows(rows: list[dict]) -> list[dict]:
@@ -368,10 +380,11 @@ def plot(runs: list[dict], best: list[dict], timing: list[dict], out: Path) -> N
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 3.6 * len(MODELS)))
+    models = [m for m in MODELS if any(r["model"] == m for r in runs)]
+    fig = Figure(figsize=(10, 3.6 * len(models)))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(MODELS), 2, squeeze=False)
-    for row, model in enumerate(MODELS):
+    axes = fig.subplots(len(models), 2, squeeze=False)
+    for row, model in enumerate(models):
         for choice in (b for b in best if b["model"] == model):
             group = [
                 r
@@ -438,6 +451,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
+        "--dataset",
+        default="digits",
+        help="'digits' (scikit-learn, default) or 'torchvision:NAME' (e.g. torchvision:CIFAR10; "
+        "downloads to --data-root, needs torchvision and internet)",
+    )
+    parser.add_argument("--data-root", default="data", help="torchvision download folder")
+    parser.add_argument(
+        "--models", nargs="+", default=["MLP", "CNN"], choices=list(MODELS),
+        help="models to train (ResNet20: for CIFAR-10 on a GPU)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda")
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -461,13 +486,14 @@ def _run(args: argparse.Namespace) -> dict:
     progress = not args.no_progress
     args.out.mkdir(parents=True, exist_ok=True)
 
-    split = load_digits_split(seed=0)
-    data = list(split)
+    cfg = replace(cfg, dataset=args.dataset, models=tuple(args.models), device=args.device)
+    split = load_split(cfg.dataset, root=args.data_root, seed=0, limit=cfg.train_subset)
+    data = [t.to(cfg.device) for t in split]
     if cfg.train_subset is not None:
         data[0], data[1] = data[0][: cfg.train_subset], data[1][: cfg.train_subset]
     jobs = [
         (model, opt, lr, seed)
-        for model in MODELS
+        for model in cfg.models
         for opt, lrs in cfg.lrs.items()
         for lr in lrs
         for seed in cfg.seeds

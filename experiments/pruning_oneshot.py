@@ -36,6 +36,7 @@ import resource
 import subprocess
 import sys
 import time
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,8 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments._data import load_digits_split, minibatches
-from experiments._models import count_parameters, mlp, resnet20_like, small_cnn
+from experiments._data import load_split, minibatches
+from experiments._models import build_model, count_parameters, resnet20_like
 from mfac.collect import collect_grads
 from mfac.fisher import StaticInverseFisher
 from mfac.numerics import NotPositiveDefiniteError
@@ -111,13 +112,13 @@ class CachedFisher(FisherCurvature):
 
 
 # ---------------------------------------------------------------------------------------- setup
-def build(name: str) -> nn.Module:
-    return mlp(hidden=(128, 64)) if name == "mlp" else small_cnn()
+def build(name: str, image_shape: tuple[int, ...] = (1, 8, 8)) -> nn.Module:
+    return build_model(name, image_shape, hidden=(128, 64))
 
 
 def train(name: str, seed: int, x, y, epochs: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = build(name)
+    model = build(name, tuple(x.shape[1:]))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(seed)
     model.train()
@@ -136,9 +137,7 @@ def accuracy(model: nn.Module, x, y) -> float:
 
 
 def clone(model: nn.Module, name: str) -> nn.Module:
-    copy = build(name)
-    copy.load_state_dict(model.state_dict())
-    return copy.eval()
+    return deepcopy(model).eval()
 
 
 # ---------------------------------------------------------------------------------------- runs
@@ -290,7 +289,7 @@ def choose_damp(model, name, calib, cache, x_val, y_val, collect, m, path, quick
 def run_digits(args) -> dict:
     from tqdm.auto import tqdm
 
-    split = load_digits_split(seed=0)
+    split = load_split(args.dataset, root=args.data_root, seed=0)
     perm = torch.randperm(len(split.x_train), generator=torch.Generator().manual_seed(123))
     nval = len(perm) // 5
     val_idx, tr_idx = perm[:nval], perm[nval:]
@@ -579,7 +578,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/pruning_oneshot"), help="output folder")
     parser.add_argument("--seeds", type=int, default=3, help="seeds (training, calibration order)")
     parser.add_argument("--epochs", type=int, default=40, help="training epochs per model")
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "resnet20"])
+    parser.add_argument(
+        "--dataset", default="digits",
+        help="'digits' (default) or 'torchvision:NAME' (e.g. torchvision:CIFAR10; needs torchvision "
+        "and internet)",
+    )
+    parser.add_argument("--data-root", default="data", help="torchvision download folder")
     parser.add_argument("--no-timing", action="store_true", help="skip the ResNet-20 timing")
     parser.add_argument(
         "--threads",
