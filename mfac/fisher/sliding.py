@@ -26,6 +26,7 @@ the paper's code does (its empty rows are zeros), so early steps are close to ``
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal
 
@@ -45,6 +46,12 @@ from mfac.numerics import (
 )
 
 __all__ = ["SlidingInverseFisher"]
+
+logger = logging.getLogger(__name__)
+
+#: ``sum_i |c_i| |g_i| / |G^T c|`` above which ``update_mul`` redoes ``G^T c`` in float64
+#: (float32 error bound eps32 * 1e3 ~ 1e-4).
+_CANCELLATION_LIMIT = 1e3
 
 _AVERAGE_OVER = ("seen", "ngrads")
 #: relative residual of ``M c = e_r`` above which the rank-one-updated inverse is refactored.
@@ -176,7 +183,31 @@ class SlidingInverseFisher(InverseFisher):
         self._check_vector(grad, "grad")
         self._check_finite_grad(grad)
         coeff = self._update(grad) * self.scale  # (n,) float64
-        return coeff.to(self._dtype) @ self._grads[: self.num_stored]
+        return self._combine_rows(coeff)
+
+    def _combine_rows(self, coeff: torch.Tensor) -> torch.Tensor:
+        """``G^T coeff`` in the window's dtype, recomputed in float64 when the float32 sum cancels.
+
+        The float32 pass has an error of about ``eps * bound`` with ``bound = sum_i |c_i| |g_i|``
+        (``>= |G^T c|``, computed from the Gram diagonal in O(n)). For ordinary windows
+        ``bound / |G^T c|`` is below 10 (measured <= 6.3 on correlated gradients); for (nearly)
+        identical gradients at small damp it reaches 1e6-1e7 and the float32 result is noise. Above
+        ``_CANCELLATION_LIMIT`` the product is redone with the window upcast in ``chunk``-column slabs:
+        about 3 passes instead of 1, only then. One host synchronisation.
+        """
+        n = self.num_stored
+        window = self._grads[:n]
+        out = coeff.to(self._dtype) @ window
+        if self._dtype == SMALL_DTYPE or n == 0:
+            return out
+        bound = coeff.abs() @ self._gram.diagonal()[:n].sqrt()
+        if bool(bound <= _CANCELLATION_LIMIT * torch.linalg.vector_norm(out, dtype=SMALL_DTYPE)):
+            return out
+        logger.debug("update_mul: float32 combination cancels (bound %.3g); redone in float64", bound)
+        for start in range(0, self._dim, self._chunk):
+            sl = slice(start, start + self._chunk)
+            out[sl] = coeff @ window[:, sl].to(SMALL_DTYPE)
+        return out
 
     def _check_finite_grad(self, grad: torch.Tensor) -> None:
         """Raise ``ValueError`` if ``grad`` holds NaN/inf (or its squared norm overflows its dtype).
