@@ -113,3 +113,20 @@ def load_split(
     train = cls(root, train=True, download=True, transform=ToTensor())
     test = cls(root, train=False, download=True, transform=ToTensor())
     return split_from_datasets(train, test, limit=limit)
+
+
+def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of ``model`` on an ``(x, y)`` batch (the ``loss_fn`` of mfac's APIs)."""
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+class Batches:
+    """Re-iterable shuffled mini-batches (a fresh permutation at every pass, reproducible by seed)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return minibatches(self.x, self.y, self.batch_size, generator=self.gen)

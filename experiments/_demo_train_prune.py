@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import mfac
-from experiments._data import load_digits_split, minibatches
+from experiments._data import load_digits_split, loss_fn, minibatches
 from experiments._models import count_parameters, mlp
 from mfac.prune import magnitude_prune, prune_oneshot
 
@@ -26,11 +26,6 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
         return (model(x).argmax(1) == y).double().mean().item()
-
-
-def _loss_fn(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return nn.functional.cross_entropy(model(x), y)
 
 
 def train(
@@ -54,7 +49,7 @@ def train(
         for xb, yb in minibatches(split.x_train, split.y_train, 64, generator=gen):
             start = time.perf_counter()
             optimizer.zero_grad()
-            loss = _loss_fn(model, (xb, yb))
+            loss = loss_fn(model, (xb, yb))
             loss.backward()
             optimizer.step()
             elapsed += time.perf_counter() - start
@@ -78,7 +73,7 @@ def prune_curves(model: nn.Module, split, *, ngrads: int, recompute: int,
         obs = copy.deepcopy(model)
         start = time.perf_counter()
         # damp = 1 x the mean diagonal of (1/m) G^T G at each recomputation: the joint update's scale
-        prune_oneshot(obs, _loss_fn, batches, sparsity, ngrads=ngrads, damp=1.0, relative_damp=True,
+        prune_oneshot(obs, loss_fn, batches, sparsity, ngrads=ngrads, damp=1.0, relative_damp=True,
                       recompute=recompute)
         seconds = time.perf_counter() - start
         rows.append({

@@ -62,12 +62,13 @@ from typing import Any
 
 import torch
 
-from experiments._memory import current_rss, peak_rss, reset_peak
+from experiments._measure import current_rss, peak_rss, reset_peak
 from experiments._paper_reference import (
     PaperSlidingWindow,
     diag_rowloop,
     static_recursion,
 )
+from experiments._report import fmt_d, fmt_e, fmt_x, jsonable, md_head, md_row
 from mfac import SlidingInverseFisher, StaticInverseFisher
 from mfac.numerics import MFACWarning, accumulated_matmul
 
@@ -172,10 +173,6 @@ def _summary(ts: list[float]) -> dict:
 
 
 # ====================================================================== helpers
-def _fmt_d(d: int) -> str:
-    exp = math.floor(math.log10(d))
-    mant = d / 10**exp
-    return f"{mant:g}e{exp}" if mant != 1 else f"1e{exp}"
 
 
 def _gib(nbytes: float) -> str:
@@ -188,20 +185,6 @@ def _fmt_t(seconds: float | None) -> str:
     if seconds < 1.0:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
-
-
-def _fmt_x(ratio: float | None, digits: int = 2) -> str:
-    if ratio is None or not math.isfinite(ratio):
-        return "-"
-    return f"{ratio:.{digits}f}x"
-
-
-def _fmt_e(err: float | None) -> str:
-    if err is None:
-        return "-"
-    if not math.isfinite(err):
-        return "fail"
-    return f"{err:.1e}"
 
 
 def _cholesky_inverse64(gram64: torch.Tensor, shift: float) -> torch.Tensor:
@@ -591,7 +574,7 @@ def run(args: argparse.Namespace) -> dict:
     log = print if not args.silent else (lambda *a, **k: None)
 
     for m, d in _grid(args):
-        log(f"[bench_core] m={m} d={_fmt_d(d)}  ({time.perf_counter() - started:.0f} s)", flush=True)
+        log(f"[bench_core] m={m} d={fmt_d(d)}  ({time.perf_counter() - started:.0f} s)", flush=True)
         grads_box: list = []
         skip_1 = ctx.fits(m, d, 1)
         skip_2 = ctx.fits(m, d, 2)
@@ -666,7 +649,7 @@ def run(args: argparse.Namespace) -> dict:
     if "memory" in sections:  # after the loop: the parent holds no gradients meanwhile
         # --quick: the largest size only (one child process start costs seconds)
         for m, d in (_grid(args)[-1:] if args.quick else _grid(args)):
-            log(f"[bench_core] memory m={m} d={_fmt_d(d)}", flush=True)
+            log(f"[bench_core] memory m={m} d={fmt_d(d)}", flush=True)
             reason = ctx.fits(m, d, 2) or ctx.within(m, d, 3.0 * m * m * d, args.max_gflop,
                                                      "--max-gflop")
             if reason is None:
@@ -784,7 +767,7 @@ def _targets(res: dict) -> list[dict]:
 
 # ====================================================================== tables
 def _status_row(r: dict, ncols: int) -> str:
-    return f"| {r['m']} | {_fmt_d(r['d'])} | {r['status']} |" + " |" * (ncols - 3)
+    return f"| {r['m']} | {fmt_d(r['d'])} | {r['status']} |" + " |" * (ncols - 3)
 
 
 def render_markdown(res: dict) -> str:
@@ -803,34 +786,34 @@ def render_markdown(res: dict) -> str:
     if "sliding" in res:
         head = ["m", "d", "ours", "floor G g + G^T c", "ours/floor", "refactor step (1 in m)",
                 "ours/floor incl. amortized refactor", "paper (b)", "its floor", "paper/floor"]
-        lines += ["## Sliding window: `update_mul`, steady state", "", _head(head)]
+        lines += ["## Sliding window: `update_mul`, steady state", "", md_head(head)]
         for r in res["sliding"]:
             if r["status"] != "ok":
                 lines.append(_status_row(r, len(head)))
                 continue
-            lines.append(_cells([r["m"], _fmt_d(r["d"]), _fmt_t(r["ours_s"]), _fmt_t(r["floor_s"]),
-                                 _fmt_x(r["ratio"]), _fmt_t(r["refactor_step_s"]),
-                                 _fmt_x(r["refactor_amortized_ratio"]), _fmt_t(r["paper_s"]),
-                                 _fmt_t(r["paper_floor_s"]), _fmt_x(r["paper_ratio"])]))
+            lines.append(md_row([r["m"], fmt_d(r["d"]), _fmt_t(r["ours_s"]), _fmt_t(r["floor_s"]),
+                                 fmt_x(r["ratio"]), _fmt_t(r["refactor_step_s"]),
+                                 fmt_x(r["refactor_amortized_ratio"]), _fmt_t(r["paper_s"]),
+                                 _fmt_t(r["paper_floor_s"]), fmt_x(r["paper_ratio"])]))
         lines += ["", "Target: ours/floor <= 1.1x at every size. The paper reports 1.02-1.17x at d >= 1e6 "
                   "and 1.6-2.5x at d = 1e5 for its step.", ""]
     if "static" in res:
         head = ["m", "d", "ours", "G G^T", "trsm (left / right)", "floor", "ours/floor",
                 "recursion (a)", "(a)/ours", "(a)/floor"]
         rec = {(r["m"], r["d"]): r for r in res.get("recursion", [])}
-        lines += ["## Static build", "", _head(head)]
+        lines += ["## Static build", "", md_head(head)]
         for r in res["static"]:
             if r["status"] != "ok":
                 lines.append(_status_row(r, len(head)))
                 continue
             rr = rec.get((r["m"], r["d"]), {})
             rec_s = rr.get("recursion_s")
-            lines.append(_cells([
-                r["m"], _fmt_d(r["d"]), _fmt_t(r["ours_s"]), _fmt_t(r["gram_s"]),
+            lines.append(md_row([
+                r["m"], fmt_d(r["d"]), _fmt_t(r["ours_s"]), _fmt_t(r["gram_s"]),
                 f"{_fmt_t(r['trsm_left_s'])} / {_fmt_t(r['trsm_right_s'])}", _fmt_t(r["floor_s"]),
-                _fmt_x(r["ratio"]), _fmt_t(rec_s) if rec_s else rr.get("status", "-"),
-                _fmt_x(rec_s / r["ours_s"], 1) if rec_s else "-",
-                _fmt_x(rec_s / r["floor_s"], 1) if rec_s else "-",
+                fmt_x(r["ratio"]), _fmt_t(rec_s) if rec_s else rr.get("status", "-"),
+                fmt_x(rec_s / r["ours_s"], 1) if rec_s else "-",
+                fmt_x(rec_s / r["floor_s"], 1) if rec_s else "-",
             ]))
         lines += ["", "floor = G G^T + the faster of the two triangular-solve layouts (left: "
                   "`solve_triangular(L, G)`; right: `solve_triangular(L^T, G^T, left=False)`). "
@@ -838,42 +821,42 @@ def render_markdown(res: dict) -> str:
                   "most any BLAS-3 build can reach on this machine.", ""]
     if "block" in res:
         head = ["m", "d", "blocks", "route", "ours", "recursion (a) per block", "speedup", "note"]
-        lines += [f"## Block-diagonal build (B = {res['meta']['block_size']})", "", _head(head)]
+        lines += [f"## Block-diagonal build (B = {res['meta']['block_size']})", "", md_head(head)]
         for r in res["block"]:
             if "num_blocks" not in r:
                 lines.append(_status_row(r, len(head)))
                 continue
             note = r["status"] if r["status"] != "ok" else "all blocks timed"
-            lines.append(_cells([r["m"], _fmt_d(r["d"]), r["num_blocks"], r["route"],
+            lines.append(md_row([r["m"], fmt_d(r["d"]), r["num_blocks"], r["route"],
                                  _fmt_t(r["ours_s"]), _fmt_t(r["recursion_s"]),
-                                 _fmt_x(r["speedup"], 1), note]))
+                                 fmt_x(r["speedup"], 1), note]))
         lines += ["", "Target: speedup >= 30x at m = 1024.", ""]
     if "apply" in res:
         head = ["m", "d", "mul", "two passes", "mul/floor", "diag", "one pass", "diag/floor",
                 "paper diag (c)", "(c)/floor"]
-        lines += ["## `mul` and `diag` of a built static operator", "", _head(head)]
+        lines += ["## `mul` and `diag` of a built static operator", "", md_head(head)]
         for r in res["apply"]:
             if r["status"] != "ok":
                 lines.append(_status_row(r, len(head)))
                 continue
-            lines.append(_cells([r["m"], _fmt_d(r["d"]), _fmt_t(r["mul_s"]), _fmt_t(r["two_pass_s"]),
-                                 _fmt_x(r["mul_ratio"]), _fmt_t(r["diag_s"]),
-                                 _fmt_t(r["one_pass_s"]), _fmt_x(r["diag_ratio"]),
-                                 _fmt_t(r["paper_diag_s"]), _fmt_x(r["paper_diag_ratio"])]))
+            lines.append(md_row([r["m"], fmt_d(r["d"]), _fmt_t(r["mul_s"]), _fmt_t(r["two_pass_s"]),
+                                 fmt_x(r["mul_ratio"]), _fmt_t(r["diag_s"]),
+                                 _fmt_t(r["one_pass_s"]), fmt_x(r["diag_ratio"]),
+                                 _fmt_t(r["paper_diag_s"]), fmt_x(r["paper_diag_ratio"])]))
         lines += ["", "Target: <= 1.1x for both.", ""]
     if "memory" in res:
         head = ["m", "d", "input", "peak/input", "peak/input (overwrite=True)",
                 "retained/input (copy / overwrite)", "method"]
-        lines += ["## Peak memory of the static build (RSS, child process)", "", _head(head)]
+        lines += ["## Peak memory of the static build (RSS, child process)", "", md_head(head)]
         for r in res["memory"]:
             if r["status"] != "ok":
                 lines.append(_status_row(r, len(head)))
                 continue
-            lines.append(_cells([
-                r["m"], _fmt_d(r["d"]), _gib(r["input_bytes"]), _fmt_x(r["peak_multiple"]),
-                _fmt_x(r["peak_multiple_overwrite"]),
-                f"{_fmt_x(r['copy']['retained_multiple'])} / "
-                f"{_fmt_x(r['overwrite']['retained_multiple'])}",
+            lines.append(md_row([
+                r["m"], fmt_d(r["d"]), _gib(r["input_bytes"]), fmt_x(r["peak_multiple"]),
+                fmt_x(r["peak_multiple_overwrite"]),
+                f"{fmt_x(r['copy']['retained_multiple'])} / "
+                f"{fmt_x(r['overwrite']['retained_multiple'])}",
                 r["copy"]["method"],
             ]))
         lines += ["", "Peak RSS during the build minus RSS before the input was allocated, over the "
@@ -882,10 +865,10 @@ def render_markdown(res: dict) -> str:
     if "accuracy" in res:
         lines += _accuracy_table(res["accuracy"])
     if res.get("targets"):
-        lines += ["## Targets", "", _head(["target", "wanted", "worst measured", "met", "over"])]
+        lines += ["## Targets", "", md_head(["target", "wanted", "worst measured", "met", "over"])]
         for t in res["targets"]:
-            worst = _fmt_e(t["worst"]) if "error" in t["name"] else _fmt_x(t["worst"])
-            lines.append(_cells([t["name"], t["target"], worst, "yes" if t["met"] else "NO",
+            worst = fmt_e(t["worst"]) if "error" in t["name"] else fmt_x(t["worst"])
+            lines.append(md_row([t["name"], t["target"], worst, "yes" if t["met"] else "NO",
                                  t["over"]]))
         lines.append("")
     return "\n".join(lines)
@@ -897,8 +880,8 @@ def _accuracy_table(rows: list[dict]) -> list[str]:
         if (r["m"], r["d"]) not in sizes:
             sizes.append((r["m"], r["d"]))
     keys = [(damp, "structured") for damp in ACCURACY_DAMPS] + [(REPEATED_DAMP, "repeated")]
-    head = ["damp", "gradients"] + [f"m={m}, d={_fmt_d(d)}" for m, d in sizes]
-    lines = ["## float32 accuracy of `update_mul`: ours / paper (b)", "", _head(head)]
+    head = ["damp", "gradients"] + [f"m={m}, d={fmt_d(d)}" for m, d in sizes]
+    lines = ["## float32 accuracy of `update_mul`: ours / paper (b)", "", md_head(head)]
     cell = {(r["m"], r["d"], r["damp"], r["gradients"]): r for r in rows if r["status"] == "ok"}
     skipped = {(r["m"], r["d"]): r["status"] for r in rows if r["status"] != "ok"}
     for damp, kind in keys:
@@ -908,35 +891,17 @@ def _accuracy_table(rows: list[dict]) -> list[str]:
             if r is None:
                 cells.append(skipped.get((m, d), "-"))
             else:
-                cells.append(f"{_fmt_e(r['ours'])} / {_fmt_e(r['paper'])}")
-        lines.append(_cells(cells))
+                cells.append(f"{fmt_e(r['ours'])} / {fmt_e(r['paper'])}")
+        lines.append(md_row(cells))
     checks = [r["truth_check"] for r in cell.values()]
     warned = sorted({w for r in cell.values() for w in r["warnings"]})
     lines += ["", "Max-norm relative error against the float64 truth on the same float32 window, "
               "worst of the steady-state steps; 'fail' = the paper's float32 Cholesky of K failed. "
               "Target (ours): <= 1e-5 at damp = 1e-5.",
               f"Truth check (generic float64 form vs cancellation-free float64 form): worst "
-              f"{_fmt_e(max(checks)) if checks else '-'}.",
+              f"{fmt_e(max(checks)) if checks else '-'}.",
               f"mfac warnings during these steps: {warned or 'none'}.", ""]
     return lines
-
-
-def _head(cols: Sequence[str]) -> str:
-    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
-
-
-def _cells(cols: Sequence[Any]) -> str:
-    return "| " + " | ".join(str(c) for c in cols) + " |"
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    return obj
 
 
 # ====================================================================== CLI
@@ -1009,7 +974,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     text = render_markdown(results)
-    (args.out / "bench_core.json").write_text(json.dumps(_jsonable(results), indent=1))
+    (args.out / "bench_core.json").write_text(json.dumps(jsonable(results), indent=1))
     (args.out / "bench_core.md").write_text(text + "\n")
     if not args.silent:
         print(text)

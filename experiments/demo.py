@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 import mfac
+from experiments._measure import median_time
 
 DEFAULT_OUT = Path("results/demo")
 
@@ -27,16 +27,6 @@ DEFAULT_OUT = Path("results/demo")
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _median_time(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def exactness_table(seed: int = 0) -> list[dict]:
@@ -82,13 +72,13 @@ def speed_table(m: int, d: int) -> list[dict]:
         window.update(g)
     new = torch.randn(d, generator=gen)
     buf, c = window.window, torch.randn(m, generator=gen)
-    floor_step = _median_time(lambda: (buf @ new, c @ buf))
-    step = _median_time(lambda: window.update_mul(new))
+    floor_step = median_time(lambda: (buf @ new, c @ buf))
+    step = median_time(lambda: window.update_mul(new))
     upper = torch.linalg.cholesky(grads @ grads.T + m * torch.eye(m)).mT.contiguous()
-    floor_build = _median_time(  # Gram + the faster (right-sided) layout of the triangular solve
+    floor_build = median_time(  # Gram + the faster (right-sided) layout of the triangular solve
         lambda: (grads @ grads.T, torch.linalg.solve_triangular(upper, grads.mT, upper=True, left=False)), 3
     )
-    build = _median_time(lambda: mfac.StaticInverseFisher(grads, 1e-5), 3)
+    build = median_time(lambda: mfac.StaticInverseFisher(grads, 1e-5), 3)
     return [
         {"what": "sliding update_mul", "m": m, "d": d, "time_ms": 1e3 * step,
          "floor_ms": 1e3 * floor_step, "ratio": step / floor_step},

@@ -62,15 +62,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 from torch import nn
 from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments._data import Split, load_split, minibatches
+from experiments._data import Batches, Split, load_split, loss_fn, minibatches
 from experiments._models import build_model, count_parameters
+from experiments._report import md_head, md_row
 from mfac.collect import collect_grads
 from mfac.params import default_prunable, writable_parameter
 from mfac.prune import CubicSchedule, GradualPruner, mask_sparsity
@@ -116,20 +116,6 @@ QUICK: dict[str, Any] = {
 
 
 # ====================================================================== setup
-def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return nnf.cross_entropy(model(x), y)
-
-
-class Batches:
-    """Re-iterable shuffled mini-batches (a fresh permutation at every pass, reproducible by seed)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def __iter__(self):
-        return minibatches(self.x, self.y, self.batch_size, generator=self.gen)
 
 
 def build(name: str, image_shape: tuple[int, ...] = (1, 8, 8)) -> nn.Module:
@@ -332,11 +318,11 @@ def markdown(res: dict, cfg: dict) -> str:
                      f"(Linear/Conv); dense test accuracy {dense[0]:.1f} ± {dense[1]:.1f} %; "
                      f"damp = {statistics.fmean(info['damp']):.2e} ({cfg['damp_rel']:g} x mean "
                      f"Fisher diagonal)")
-    lines += ["", _head(["model", "target", "method", "final test acc (%)",
+    lines += ["", md_head(["model", "target", "method", "final test acc (%)",
                          "acc right after last prune (%)", "drop per event: mean / worst (pp)",
                          "reached sparsity", "pruning time / run", "run time"])]
     for r in res["summary"]:
-        lines.append(_row([
+        lines.append(md_row([
             r["model"], f"{r['target']:.0%}", LABELS[r["method"]],
             f"{r['final_acc_mean']:.1f} ± {r['final_acc_std']:.1f}",
             f"{r['after_last_prune_mean']:.1f} ± {r['after_last_prune_std']:.1f}",
@@ -355,14 +341,6 @@ def markdown(res: dict, cfg: dict) -> str:
               "pruned (Linear/Conv weight) tensors and was asserted equal to the target, "
               "with every pruned weight exactly zero at the end.", ""]
     return "\n".join(lines)
-
-
-def _head(cols: Sequence[str]) -> str:
-    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
-
-
-def _row(cells: Sequence[Any]) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def plot(res: dict, cfg: dict, path: Path) -> None:

@@ -76,13 +76,14 @@ if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments._data import load_digits_split, minibatches
-from experiments._memory import current_rss, peak_rss, reset_peak
+from experiments._measure import current_rss, peak_rss, reset_peak
 from experiments._models import mlp
 from experiments._paper_reference import (
     PaperSlidingWindow,
     recursion_mul,
     static_recursion,
 )
+from experiments._report import fmt_d, fmt_e, fmt_x, jsonable, md_head, md_row
 from experiments.bench_core import GradientGenerator, time_interleaved
 from mfac import DenseInverseFisher, SlidingInverseFisher, StaticInverseFisher
 from mfac.collect import collect_grads
@@ -159,42 +160,6 @@ def _fmt_t(seconds: float | None) -> str:
     if seconds < 1.0:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
-
-
-def _fmt_x(ratio: float | None, digits: int = 2) -> str:
-    return "-" if ratio is None or not math.isfinite(ratio) else f"{ratio:.{digits}f}x"
-
-
-def _fmt_e(err: float | None) -> str:
-    if err is None:
-        return "-"
-    if not math.isfinite(err):
-        return "fail"
-    return f"{err:.1e}"
-
-
-def _fmt_d(d: int) -> str:
-    exp = math.floor(math.log10(d))
-    mant = d / 10**exp
-    return f"1e{exp}" if mant == 1 else f"{mant:g}e{exp}"
-
-
-def _head(cols: Sequence[str]) -> str:
-    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
-
-
-def _row(cells: Sequence[Any]) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else "inf"
-    return obj
 
 
 def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
@@ -496,13 +461,13 @@ def exactness_tables(rows: list[dict]) -> list[str]:
             head = ["damp", "damp / mean diag", "cond(F)"] + [label for _, label in PRODUCTS]
             if dtype == "float64":
                 head.append("dense f64 (unrefined)")
-            lines.append(_head(head))
+            lines.append(md_head(head))
             for r in sel:
                 cells = [f"{r['damp']:.0e}", f"{r['damp_over_mean_diag']:.1e}", f"{r['cond']:.1e}"]
-                cells += [_fmt_e(r[k]) for k, _ in PRODUCTS]
+                cells += [fmt_e(r[k]) for k, _ in PRODUCTS]
                 if dtype == "float64":
-                    cells.append(_fmt_e(r["dense_f64_unrefined"]))
-                lines.append(_row(cells))
+                    cells.append(fmt_e(r["dense_f64_unrefined"]))
+                lines.append(md_row(cells))
             warned = sorted({w for r in sel for w in r["warnings"]})
             if warned:
                 lines += ["", f"mfac warnings: {'; '.join(warned)}"]
@@ -516,25 +481,25 @@ def exactness_tables(rows: list[dict]) -> list[str]:
 
 def cost_tables(cost: dict[str, list[dict]], slopes: dict[str, float | None]) -> list[str]:
     lines = ["### Static build (float32)", "",
-             _head(["sweep", "m", "d", "ours", "G G^T", "trsm", "floor", "ours/floor",
+             md_head(["sweep", "m", "d", "ours", "G G^T", "trsm", "floor", "ours/floor",
                     "paper recursion", "recursion/ours"])]
     for r in cost["build"]:
-        lines.append(_row([r["sweep"], r["m"], _fmt_d(r["d"]), _fmt_t(r["ours_s"]), _fmt_t(r["gram_s"]),
-                           _fmt_t(r["trsm_s"]), _fmt_t(r["floor_s"]), _fmt_x(r["ratio"]),
+        lines.append(md_row([r["sweep"], r["m"], fmt_d(r["d"]), _fmt_t(r["ours_s"]), _fmt_t(r["gram_s"]),
+                           _fmt_t(r["trsm_s"]), _fmt_t(r["floor_s"]), fmt_x(r["ratio"]),
                            _fmt_t(r["recursion_s"]) if r["recursion_s"] else r["recursion_status"],
-                           _fmt_x(r["recursion_over_ours"], 1)]))
+                           fmt_x(r["recursion_over_ours"], 1)]))
     lines += ["", "### Sliding step `update_mul`, steady state (float32)", "",
-              _head(["sweep", "m", "d", "ours", "floor G g + G^T c", "ours/floor", "paper step",
+              md_head(["sweep", "m", "d", "ours", "floor G g + G^T c", "ours/floor", "paper step",
                      "paper/floor"])]
     for r in cost["step"]:
-        lines.append(_row([r["sweep"], r["m"], _fmt_d(r["d"]), _fmt_t(r["ours_s"]), _fmt_t(r["floor_s"]),
-                           _fmt_x(r["ratio"]), _fmt_t(r["paper_s"]), _fmt_x(r["paper_ratio"])]))
+        lines.append(md_row([r["sweep"], r["m"], fmt_d(r["d"]), _fmt_t(r["ours_s"]), _fmt_t(r["floor_s"]),
+                           fmt_x(r["ratio"]), _fmt_t(r["paper_s"]), fmt_x(r["paper_ratio"])]))
     lines += ["", "### Fitted log-log slopes (upper half of each sweep)", "",
-              _head(["quantity", "vs d (expected 1)", "vs m (expected: build 2, step 1)"])]
+              md_head(["quantity", "vs d (expected 1)", "vs m (expected: build 2, step 1)"])]
     for section, keys in (("build", ("ours", "floor", "recursion")), ("step", ("ours", "floor", "paper"))):
         for key in keys:
             vd, vm = slopes.get(f"{section}.{key}.vs_d"), slopes.get(f"{section}.{key}.vs_m")
-            lines.append(_row([f"{section} {key}", "-" if vd is None else f"{vd:.2f}",
+            lines.append(md_row([f"{section} {key}", "-" if vd is None else f"{vd:.2f}",
                                "-" if vm is None else f"{vm:.2f}"]))
     lines += ["", f"Median of the timed calls (interleaved round-robin with their floors), damp = "
               f"{TIMING_DAMP:g}.", ""]
@@ -542,12 +507,12 @@ def cost_tables(cost: dict[str, list[dict]], slopes: dict[str, float | None]) ->
 
 
 def memory_table(rows: list[dict]) -> list[str]:
-    lines = [_head(["m", "d", "input m·d·4", "static build peak", "paper recursion peak",
+    lines = [md_head(["m", "d", "input m·d·4", "static build peak", "paper recursion peak",
                     "sliding (m+1 updates) peak", "static retained", "method"])]
     for r in rows:
-        lines.append(_row([r["m"], _fmt_d(r["d"]), f"{r['input_bytes'] / 2**20:.0f} MiB",
-                           _fmt_x(r["static_peak_multiple"]), _fmt_x(r["recursion_peak_multiple"]),
-                           _fmt_x(r["sliding_peak_multiple"]), _fmt_x(r["static_retained_multiple"]),
+        lines.append(md_row([r["m"], fmt_d(r["d"]), f"{r['input_bytes'] / 2**20:.0f} MiB",
+                           fmt_x(r["static_peak_multiple"]), fmt_x(r["recursion_peak_multiple"]),
+                           fmt_x(r["sliding_peak_multiple"]), fmt_x(r["static_retained_multiple"]),
                            r["method"]]))
     lines += ["", "Peak RSS added by the call, over the RSS with the input held, in units of the "
               "m x d float32 input. A dense d x d float32 inverse would be d / m of these units "
@@ -627,7 +592,7 @@ def plot_cost(cost: dict[str, list[dict]], path: Path) -> None:
             else:
                 _ref_line(ax, xs, top, 1, "O(dm): slope 1 in m", ":")
                 _ref_line(ax, xs, top, 2, "O(dm^2): slope 2 in m", "-.")
-            fixed = f"m = {rows[0]['m']}" if sweep == "d" else f"d = {_fmt_d(rows[0]['d'])}"
+            fixed = f"m = {rows[0]['m']}" if sweep == "d" else f"d = {fmt_d(rows[0]['d'])}"
             ax.set_title(f"{section}: time vs {sweep} ({fixed}, float32)")
             ax.set_xlabel(sweep)
             ax.set_ylabel("seconds (median)")
@@ -775,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if "memory" in res:
         text += ["## 3. Memory", "", *memory_table(res["memory"])]
         plot_memory(res["memory"], args.out / "memory_scaling.png")
-    (args.out / "results.json").write_text(json.dumps(_jsonable(res), indent=1))
+    (args.out / "results.json").write_text(json.dumps(jsonable(res), indent=1))
     (args.out / "results.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
     print(f"[ihvp_exactness] results in {args.out}/ (results.json, results.md, *.png)")

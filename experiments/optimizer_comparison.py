@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments._data import load_split, minibatches
+from experiments._measure import median_time
 from experiments._models import build_model, count_parameters, resnet20_like
 from mfac.optim import MFAC
 
@@ -225,14 +226,6 @@ def best_rows(rows: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ step time at scale
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def step_time_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
@@ -247,10 +240,10 @@ def step_time_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dic
         model.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
 
-    fwd_bwd = _median_time(forward_backward, 3)
+    fwd_bwd = median_time(forward_backward, 3)
     params = [p for p in model.parameters() if p.grad is not None]
     adam = torch.optim.Adam(params, lr=1e-3, foreach=True)
-    adam_ms = 1e3 * _median_time(adam.step, cfg.timing_steps)
+    adam_ms = 1e3 * median_time(adam.step, cfg.timing_steps)
     rows = [
         {
             "optimizer": "Adam (foreach)",
@@ -281,7 +274,7 @@ def step_time_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dic
         steady = statistics.median(timed_step() for _ in range(cfg.timing_steps))
         window = opt.inverse_fisher.window  # shape: (m, d), read only
         g, c = torch.randn(d), torch.randn(m)
-        floor = _median_time(lambda w=window, g=g, c=c: (w @ g, c @ w), cfg.timing_steps)
+        floor = median_time(lambda w=window, g=g, c=c: (w @ g, c @ w), cfg.timing_steps)
         rows.append(
             {
                 "optimizer": "MFAC",

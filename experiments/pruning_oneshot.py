@@ -41,13 +41,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 from torch import nn
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments._data import load_split, minibatches
+from experiments._data import Batches, load_split, loss_fn, minibatches
 from experiments._models import build_model, count_parameters, resnet20_like
 from mfac.collect import collect_grads
 from mfac.fisher import StaticInverseFisher
@@ -62,22 +61,6 @@ BLOCK = 128
 #: what a diverged run raises (weights blown up by an update: non-finite update or Gram matrix)
 FAILURES = (NotPositiveDefiniteError, FloatingPointError, ValueError)
 DAMP_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # multiples of the mean diagonal of (1/m) G^T G
-
-
-def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return nnf.cross_entropy(model(x), y)
-
-
-class Batches:
-    """Re-iterable shuffled mini-batches (a fresh permutation at every pass)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def __iter__(self):
-        return minibatches(self.x, self.y, self.batch_size, generator=self.gen)
 
 
 class CachedFisher(FisherCurvature):

@@ -1,9 +1,14 @@
-"""Process memory probes for the benchmarks (Linux ``/proc``; ``getrusage`` as the fallback peak)."""
+"""Measurement helpers for the benchmarks: wall time, process memory (Linux ``/proc``; ``getrusage`` as
+the fallback peak)."""
 
 from __future__ import annotations
 
 import os
 import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
 
 
 def current_rss() -> int:
@@ -30,3 +35,14 @@ def peak_rss(reset_ok: bool) -> int:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
+    """Median wall time in seconds of ``repeats`` calls of ``fn``, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
