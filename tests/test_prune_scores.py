@@ -21,13 +21,7 @@ from tests.references import block_diagonal_inverse, dense_fisher
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids thread-pool overhead on loaded machines (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(d: int = 10, m: int = 6, damp: float = 0.05, seed: int = 0):
