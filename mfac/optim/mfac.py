@@ -672,6 +672,27 @@ class MFAC(_MFACBase):
     other update rule, use :class:`MFACPreconditioner` with that optimizer.
 
     Masked-out coordinates of the parameters (``masks``) are set to zero at every step.
+
+    Learning rate: the step is not scale-invariant, and SGD's learning rates do not carry over.
+    The window holds the current gradient, so ``u = F^{-1} g`` lies in the span of the window, where
+    ``F``'s eigenvalues are ``damp + sigma_k^2 / s`` (``sigma_k^2``: eigenvalues of ``G G^T``). Two
+    regimes follow:
+
+    * ``damp`` large against ``|g|^2 / s``: ``u ~ g / damp``, SGD with learning rate ``lr / damp``.
+    * ``damp`` small (the usual case, ``damp ~ 1e-5..1e-3``): ``u ~ g / (damp + |g|^2 / c)`` with ``c``
+      between 1 (a window of nearly parallel gradients: exactly ``g / (damp + |g|^2)``, the first step
+      with ``average_over="seen"``) and ``s`` (mutually orthogonal gradients of equal norm). So
+      ``|u| ~ c / |g|``: multiplying the loss by 10 makes the step 10 times *shorter*, and steps grow as
+      gradients shrink. For small ``damp`` the learning rate that works scales like ``|g|^2``, not like
+      SGD's.
+
+    Rule of thumb: ``lr ~ lr_SGD * (damp + |g|^2 / c)`` with ``|g|^2`` the squared norm of a typical
+    mini-batch gradient at the start (``c = ngrads`` for diverse gradients, 1 for collinear ones), then a
+    log-spaced sweep around it (factors of 3); the learning rates that train can differ from SGD's by
+    orders of magnitude either way (a model whose ``|g|^2`` is ~100 can need ``lr ~ 1``). Gradient
+    accumulation, loss scaling or a different loss reduction (sum vs mean) changes ``|g|`` and hence the
+    step: keep them fixed when reusing a tuned ``lr`` (see the Hugging Face Trainer note in the
+    integration docs).
     """
 
     def __init__(
