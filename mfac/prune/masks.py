@@ -325,6 +325,14 @@ def select_nm(
 
     Returns:
         ``{name: bool mask}``, exactly ``m - n`` pruned per group (more where ``keep`` pruned more).
+
+    Example (a transformers ``Conv1D`` weight is stored ``(in, out)``: its input dimension is ``axis=0``):
+        >>> score = torch.tensor([[4.0, 1.0], [3.0, 2.0], [2.0, 3.0], [1.0, 4.0]])   # (in=4, out=2)
+        >>> select_nm({"w": score}, 2, 4, axis=0)["w"]            # 2 of the 4 inputs of each output
+        tensor([[ True, False],
+                [ True, False],
+                [False,  True],
+                [False,  True]])
     """
     if not (isinstance(n, int) and isinstance(m, int) and 0 <= n <= m and m >= 1):
         raise ValueError(f"select_nm needs integers 0 <= n <= m, m >= 1; got n={n}, m={m}")
