@@ -437,3 +437,29 @@ def test_scipy_linear_operator_eigsh_and_cg_are_exact():
     np.testing.assert_allclose(np.sort(top), exact, rtol=1e-10)
     assert info == 0
     np.testing.assert_allclose(x, (fisher @ torch.ones(40, dtype=torch.float64)).numpy(), rtol=1e-8)
+
+
+# ------------------------------------------------------------------------------------- torch.distributed
+@pytest.mark.distributed
+@pytest.mark.slow  # torchrun + real DDP (torch._dynamo import): 20-45 s; the DDP placement itself is tested
+# in the default run by tests/test_distributed.py
+def test_ddp_recipe_equals_one_process_on_the_concatenated_batches(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "recipes" / "ddp_mfac.py"
+    out = tmp_path / "check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(script.parents[2]), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--check", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world"] == 2
+    d = 12 * 32 + 32 + 32 * 4 + 4
+    assert result["window"] == [6, d // 2]  # each rank holds its half of the 6 gradients seen
+    assert result["max_abs_diff"] < 1e-5, result
