@@ -21,13 +21,13 @@ from mfac.distributed import DistributedWindow
 
 
 def make_model() -> torch.nn.Module:
-    """The same small MLP on every rank."""
+    """Build the same small MLP on every rank."""
     torch.manual_seed(0)  # the same initial weights on every rank
     return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
 
 
 def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's mini-batch of this step."""
+    """Return the mini-batch of `rank` at `step`."""
     gen = torch.Generator().manual_seed(1000 * step + rank)  # each rank its own data
     return torch.randn(16, 12, generator=gen), torch.randint(0, 4, (16,), generator=gen)
 
