@@ -423,6 +423,8 @@ def plot(runs: list[dict], best: list[dict], timing: list[dict], out: Path) -> N
     fig.tight_layout()
     fig.savefig(out / "training.png", dpi=110)
 
+    if not timing:  # --no-timing
+        return
     fig = Figure(figsize=(6, 3.6))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
