@@ -239,3 +239,20 @@ def test_nm_axes_bad_layouts(layout, error, match):
 def test_nm_axis_not_divisible_names_the_axis():
     with pytest.raises(ValueError, match="dimension 1 of length 6"):
         select_nm({"w": torch.rand(8, 6)}, 2, 4, axis=1)
+
+
+def test_prune_oneshot_nm_axis_needs_a_pattern_and_is_checked_before_any_change():
+    from mfac.prune import prune_oneshot
+
+    model = nn.Sequential(nn.Linear(8, 4))
+    before = model[0].weight.detach().clone()
+    data = [(torch.randn(2, 8), torch.randint(0, 4, (2,)))]
+
+    def loss(m, b):
+        return nn.functional.cross_entropy(m(b[0]), b[1])
+
+    with pytest.raises(ValueError, match="applies to N:M pruning only"):
+        prune_oneshot(model, loss, data, 0.5, curvature="identity", nm_axis="channels")
+    with pytest.raises(ValueError, match="nm_axis must be one of"):
+        prune_oneshot(model, loss, data, pattern="2:4", curvature="identity", nm_axis="cols")
+    assert torch.equal(model[0].weight, before)

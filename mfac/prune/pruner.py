@@ -440,6 +440,8 @@ def prune_oneshot(
     source = _make_curvature(
         curvature, update, loss_fn, data, ngrads, damp, block_size, collect, relative_damp
     )
+    if pattern is None and not (isinstance(nm_axis, str) and nm_axis == "input"):
+        raise ValueError(f"nm_axis={nm_axis!r} applies to N:M pruning only; pass a pattern (e.g. '2:4') too")
     axes = nm_axes(model, names, nm_axis) if pattern is not None else None
     selectors = _selectors(keep, sparsity, recompute, pattern, scope, axes)
     return prune_with(model, source, selectors, names, keep, update, progress=progress)
