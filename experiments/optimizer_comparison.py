@@ -482,6 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="wide: learning rates over more decades (M-FAC's step is not SGD's, see the README)",
     )
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
+    parser.add_argument("--train-subset", type=int, default=None, help="first N training examples only")
     parser.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda")
     parser.add_argument(
         "--threads",
@@ -513,6 +514,8 @@ def _run(args: argparse.Namespace) -> dict:
         cfg = replace(cfg, lrs=dict(WIDE_LRS))
     if args.seeds is not None:
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
+    if args.train_subset is not None:
+        cfg = replace(cfg, train_subset=args.train_subset)
     split = load_split(cfg.dataset, root=args.data_root, seed=0, limit=cfg.train_subset)
     data = [t.to(cfg.device) for t in split]
     if cfg.train_subset is not None:
