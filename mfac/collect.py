@@ -20,6 +20,13 @@ Two kinds of rows:
   updates of buffers (put batch-norm models in eval mode, ``train=False``). Random operations
   (dropout in train mode) draw independent numbers per sample (``vmap(randomness="different")``).
 
+Model state: collecting leaves the model as it was found. Parameters are not written, every
+``.grad`` and every module's train/eval mode are put back, and the running statistics of
+normalization layers (BatchNorm's ``running_mean``, ``running_var``, ``num_batches_tracked``) are
+copied back after the forward passes. They are restored, not frozen: a model in train mode is
+differentiated with its batch statistics, as in training; pass ``train=False`` for eval-mode
+(running-statistics) gradients.
+
 Memory: the result holds ``m * d * bytes`` (logged up front at INFO level). Mini-batch rows need
 one extra gradient of ``d`` entries at a time; per-sample rows need the gradients of one batch,
 ``batch_size * d`` entries, at a time.
@@ -49,15 +56,35 @@ PROGRESS_THRESHOLD = 10**8
 
 
 # ------------------------------------------------------------------------------- helpers
+#: buffers of normalization layers that a forward pass in train mode moves
+RUNNING_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _running_stats(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(buffer, copy)`` of every running statistic (BatchNorm, SyncBatchNorm, InstanceNorm, ...)."""
+    saved = []
+    for module in model.modules():
+        for key in RUNNING_STAT_BUFFERS:
+            buf = module._buffers.get(key)
+            if isinstance(buf, torch.Tensor) and not buf.is_meta:
+                saved.append((buf, buf.detach().clone()))
+    return saved
+
+
 @contextmanager
 def _preserved_state(model: nn.Module, train: bool | None) -> Iterator[None]:
-    """Set the train/eval mode (if ``train`` is not None); restore modes and grads on exit.
+    """Set the train/eval mode (if ``train`` is not None); restore modes, grads and statistics on exit.
 
-    Every module's ``training`` flag and every parameter's ``.grad`` (None included) are restored,
-    exceptions included.
+    Every module's ``training`` flag, every parameter's ``.grad`` (None included) and the running
+    statistics of normalization layers (:data:`RUNNING_STAT_BUFFERS`: ``running_mean``,
+    ``running_var``, ``num_batches_tracked``, copied back in place, so the buffer tensors keep their
+    identity) are restored, exceptions included. The statistics are *restored*, not frozen: in train
+    mode each forward pass still normalizes with its batch's statistics, so the gradients are those
+    of the training loss. Memory: one copy of those buffers (two per channel of each norm layer).
     """
     modes = [(module, module.training) for module in model.modules()]
     grads = [(p, p.grad) for p in model.parameters()]
+    stats = _running_stats(model)
     try:
         if train is not None:
             model.train(train)
@@ -67,6 +94,9 @@ def _preserved_state(model: nn.Module, train: bool | None) -> Iterator[None]:
             module.training = mode
         for p, g in grads:
             p.grad = g
+        with torch.no_grad():
+            for buf, value in stats:
+                buf.copy_(value)
 
 
 @contextmanager
@@ -346,8 +376,11 @@ def collect_grads(
         TypeError: ``ngrads`` not an int; ``loss_fn`` not returning a tensor.
         RuntimeError: ``per_sample=True`` and ``torch.func`` could not run ``loss_fn``.
 
-    Every parameter's ``.grad`` (None included) and every module's train/eval mode are restored,
-    also when an exception is raised.
+    Every parameter's ``.grad`` (None included), every module's train/eval mode and the running
+    statistics of normalization layers (BatchNorm's ``running_mean``, ``running_var``,
+    ``num_batches_tracked``) are restored, also when an exception is raised: the model is left as it
+    was found. The statistics are restored afterwards rather than frozen, so in train mode the
+    gradients are those of the training forward pass (batch statistics), as in training.
     """
     ngrads = check_positive_int(ngrads, "ngrads")
     if not isinstance(model, nn.Module):

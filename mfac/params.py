@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ParamSpace",
     "default_prunable",
+    "is_transformers_conv1d",
     "named_writable_parameters",
+    "prunable_types",
     "prune_masks",
     "writable_parameter",
 ]
@@ -108,23 +110,104 @@ def writable_parameter(model: nn.Module, name: str) -> nn.Parameter:
     raise ValueError(f"{name!r} is not a parameter of {type(model).__name__}")
 
 
-def default_prunable(model: nn.Module) -> list[str]:
-    """Return the names of the ``weight`` parameters of ``model``'s Linear and Conv1d/2d/3d modules.
+def _transformers_conv1d() -> type | None:
+    """Return transformers' ``Conv1D`` class if transformers is already imported, else None.
 
-    This is the default set the pruner prunes: no biases, no normalization or embedding
-    parameters. Names are user-facing (``"fc.weight"`` also for a module reparametrized by
-    ``torch.nn.utils.prune``) and come in the order of ``model.named_parameters()``. A weight tied
-    to another parameter is listed under the name ``named_parameters`` gives it (its first owner).
+    Never imports transformers: a model holding a ``Conv1D`` has imported it already.
     """
+    import sys
+
+    module = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(module, "Conv1D", None)
+    return cls if isinstance(cls, type) else None
+
+
+def prunable_types() -> tuple[type, ...]:
+    """Return the module types whose ``weight`` :func:`default_prunable` selects.
+
+    ``nn.Linear``, ``nn.Conv1d/2d/3d``, and transformers' ``Conv1D`` (GPT-2's projections, a weight
+    stored ``(in, out)`` and used as ``x @ W``) when transformers is imported.
+    """
+    conv1d = _transformers_conv1d()
+    return _PRUNABLE_TYPES + ((conv1d,) if conv1d is not None else ())
+
+
+def is_transformers_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (weight ``(in, out)``, ``y = x @ W + b``)."""
+    conv1d = _transformers_conv1d()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int, int] | None:
+    """``(device, data address, numel)`` of ``t``: equal for two parameters viewing the same memory.
+
+    The tensor's own address, not its storage's: parameters that are views into one flat buffer
+    (FSDP) share a storage but not an address. None where there is no memory (meta, fake tensors).
+    """
+    try:
+        ptr = t.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return (str(t.device), ptr, t.numel()) if ptr else None
+
+
+def _embedding_tensors(model: nn.Module) -> tuple[set[int], set[tuple[str, int, int]]]:
+    """Identities and storages of every embedding weight of ``model`` (tied copies included)."""
+    ids: set[int] = set()
+    storages: set[tuple[str, int, int]] = set()
+    for module in model.modules():
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            continue
+        for leaf in ("weight", "weight_orig"):
+            param = module._parameters.get(leaf)
+            if param is None:
+                continue
+            ids.add(id(param))
+            key = _storage_key(param)
+            if key is not None:
+                storages.add(key)
+    return ids, storages
+
+
+def default_prunable(model: nn.Module) -> list[str]:
+    """Return the names of the weights the pruner prunes by default: the layers' projections.
+
+    Selected: the ``weight`` of every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and transformers
+    ``Conv1D`` module (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``; see :func:`prunable_types`).
+    Never selected: biases, normalization parameters, embeddings, and any weight *shared with an
+    embedding*: a language-model head tied to the token embedding (GPT-2's ``lm_head.weight`` is
+    ``transformer.wte.weight``; ``BertForMaskedLM``'s ``cls.predictions.decoder.weight`` is
+    ``bert.embeddings.word_embeddings.weight``). Ties are detected by identity (the same
+    ``Parameter`` object) and by shared storage (a second ``Parameter`` viewing the same memory),
+    never by module type or name. An untied head is an ordinary Linear and is selected.
+
+    Names are user-facing (``"fc.weight"`` also for a module reparametrized by
+    ``torch.nn.utils.prune``) and come in the order of ``model.named_parameters()``. A weight tied
+    between two prunable layers (no embedding) is listed once, under its first name.
+
+    Example:
+        >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 10))
+        >>> default_prunable(model)
+        ['1.weight', '3.weight']
+        >>> model[3].weight = model[0].weight          # a head tied to the embedding
+        >>> default_prunable(model)
+        ['1.weight']
+    """
+    embedding_ids, embedding_storages = _embedding_tensors(model)
+    types = prunable_types()
     wanted: set[int] = set()
     for module in model.modules():
-        if not isinstance(module, _PRUNABLE_TYPES):
+        if not isinstance(module, types):
             continue
         weight = module._parameters.get("weight")
         if weight is None and "weight_mask" in module._buffers:
             weight = module._parameters.get("weight_orig")
-        if weight is not None:
-            wanted.add(id(weight))
+        if weight is None or id(weight) in embedding_ids:
+            continue
+        key = _storage_key(weight)
+        if key is not None and key in embedding_storages:
+            continue
+        wanted.add(id(weight))
     return [name for name, param in named_writable_parameters(model) if id(param) in wanted]
 
 

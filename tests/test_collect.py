@@ -294,6 +294,69 @@ def test_grads_and_modes_restored(per_sample, fail):
     assert not model.training and not model.fc1.training and model.fc2.training
 
 
+class BNNet(nn.Module):
+    """Conv -> BatchNorm2d -> ReLU -> pool -> Linear, plus a BatchNorm1d with cumulative averaging."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn1d = nn.BatchNorm1d(4, momentum=None)  # running averages driven by num_batches_tracked
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+        return self.fc(self.bn1d(h))
+
+
+def bn_data(nbatches: int, seed: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(5, 2, 4, 4, generator=gen, dtype=DT), torch.randint(0, 3, (5,), generator=gen))
+        for _ in range(nbatches)
+    ]
+
+
+def _buffers(model):
+    return {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_batchnorm_running_statistics_restored_and_grads_are_train_mode(fail):
+    torch.manual_seed(0)
+    model = BNNet().to(DT).train()
+    data = bn_data(3)
+    ce_loss(model, data[0])  # move the statistics away from their initial values first
+    before = _buffers(model)
+    identities = {n: b for n, b in model.named_buffers()}
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        if fail and len(calls) == 3:
+            raise KeyError("boom")
+        return ce_loss(m, batch)
+
+    if fail:
+        with pytest.raises(KeyError, match="boom"):
+            collect_grads(model, loss_fn, data, 3)
+    else:
+        G = collect_grads(model, loss_fn, data, 3)
+    after = dict(model.named_buffers())
+    assert set(after) == set(before) and len(before) == 6
+    for name, value in before.items():
+        assert after[name] is identities[name], name  # copied back in place
+        assert torch.equal(after[name], value), name
+    if not fail:
+        # restored, not frozen: the rows are the gradients of train-mode (batch-statistics) passes
+        reference = grads_by_hand(model, data)
+        torch.testing.assert_close(G, reference, rtol=1e-12, atol=1e-12)
+        moved = _buffers(model)
+        assert int(moved["bn.num_batches_tracked"]) == int(before["bn.num_batches_tracked"]) + 3
+        eval_rows = collect_grads(model.eval(), ce_loss, data, 3)
+        assert not torch.allclose(eval_rows, reference)  # eval mode would have given other rows
+
+
 def test_mode_kept_by_default():
     model = make_model().train()
     seen = []

@@ -234,15 +234,47 @@ def test_default_prunable():
     assert default_prunable(model) == ["0.weight", "1.weight", "2.weight", "6.weight", "7.weight"]
 
 
-def test_default_prunable_tied_weight():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(5, 3)
-            self.head = nn.Linear(3, 5, bias=False)
-            self.head.weight = self.embed.weight
+class _TiedHead(nn.Module):
+    """An embedding, one hidden projection, and a head whose weight is the embedding's."""
 
-    assert default_prunable(Tied()) == ["embed.weight"]
+    def __init__(self, copy_parameter: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.hidden = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        # the same Parameter object (transformers' tie_weights), or a second Parameter viewing
+        # the same memory (nn.Parameter(tensor) shares it)
+        self.head.weight = nn.Parameter(self.embed.weight) if copy_parameter else self.embed.weight
+
+    def forward(self, idx):
+        return self.head(self.hidden(self.embed(idx)))
+
+
+@pytest.mark.parametrize("copy_parameter", [False, True], ids=["same-object", "shared-memory"])
+def test_default_prunable_never_selects_a_weight_tied_to_an_embedding(copy_parameter):
+    model = _TiedHead(copy_parameter)
+    assert default_prunable(model) == ["hidden.weight"]
+
+
+def test_default_prunable_keeps_an_untied_head_and_a_tie_between_projections():
+    model = _TiedHead()
+    model.head.weight = nn.Parameter(torch.randn(5, 3))  # untied: an ordinary projection
+    assert default_prunable(model) == ["hidden.weight", "head.weight"]
+    shared = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3))
+    shared[2].weight = shared[0].weight  # weight sharing between layers (ALBERT-style)
+    assert default_prunable(shared) == ["0.weight"]
+
+
+def test_default_prunable_views_of_one_flat_buffer_are_not_ties():
+    # parameters that are views into one flat buffer (as FSDP lays them out) share a storage
+    flat = torch.zeros(5 * 3 + 3 * 3)
+    model = _TiedHead()
+    model.head.weight = nn.Parameter(torch.randn(5, 3))
+    with torch.no_grad():
+        model.embed.weight = nn.Parameter(flat[:15].view(5, 3))
+        model.hidden.weight = nn.Parameter(flat[15:].view(3, 3))
+    assert model.embed.weight.untyped_storage().data_ptr() == model.hidden.weight.untyped_storage().data_ptr()
+    assert default_prunable(model) == ["hidden.weight", "head.weight"]
 
 
 # ------------------------------------------------------------------------------- errors

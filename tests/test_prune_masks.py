@@ -175,3 +175,84 @@ def test_recompute_steps_geometric_density():
     assert recompute_steps(0.5, 0.5, 2) == [0.5, 0.5]
     with pytest.raises(ValueError):
         recompute_steps(0.0, 0.9, 0)
+
+
+# ---------------------------------------------------------------------------------------- N:M group axes
+def _nm_reference(score: torch.Tensor, n: int, m: int, axis: int) -> torch.Tensor:
+    """Brute force: loop over every line along ``axis`` and every group of ``m`` in it."""
+    mask = torch.zeros(score.shape, dtype=torch.bool)
+    other = [range(s) for d, s in enumerate(score.shape) if d != axis]
+    for idx in itertools.product(*other):
+        for start in range(0, score.shape[axis], m):
+            full = [(*idx[:axis], start + j, *idx[axis:]) for j in range(m)]
+            values = [float(score[i]) for i in full]
+            best = sorted(range(m), key=lambda j: (-values[j], j))[:n]
+            for j in best:
+                mask[full[j]] = True
+    return mask
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, 3, -1])
+def test_nm_along_an_axis_matches_a_loop_over_groups(axis):
+    score = torch.rand(4, 8, 4, 4, generator=torch.Generator().manual_seed(3))
+    got = select_nm({"w": score}, 2, 4, axis=axis)["w"]
+    assert torch.equal(got, _nm_reference(score, 2, 4, axis % 4))
+    assert check_nm(got, 2, 4, axis=axis)
+
+
+def test_nm_axes_input_dimension_of_each_layer_and_asp_layout_for_convs():
+    from mfac.prune import nm_axes
+
+    model = nn.Sequential(nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(16, 8))
+    names = ["0.weight", "2.weight"]
+    assert nm_axes(model, names) == {"0.weight": None, "2.weight": None}  # SparseGPT's flattened layout
+    assert nm_axes(model, names, "channels") == {"0.weight": 1, "2.weight": None}
+    assert nm_axes(model, names, "rows") == {"0.weight": None, "2.weight": None}
+    assert nm_axes(model, names, {"0.weight": 3}) == {"0.weight": 3, "2.weight": None}
+    score = torch.rand(4, 8, 3, 3, generator=torch.Generator().manual_seed(4))
+    mask = select_nm({"0.weight": score}, 2, 4, axis=nm_axes(model, ["0.weight"], "channels"))["0.weight"]
+    # ASP's own view of a conv weight: permute(2, 3, 0, 1) -> rows (kh, kw, out), groups of 4 input channels
+    asp = mask.permute(2, 3, 0, 1).reshape(-1, 8).reshape(-1, 4)
+    assert bool((asp.sum(1) == 2).all())
+    flat = select_nm({"0.weight": score}, 2, 4)["0.weight"]  # default: groups of in*kh*kw entries
+    assert bool((flat.reshape(-1, 4).sum(1) == 2).all())
+    assert not torch.equal(flat, mask)
+
+
+@pytest.mark.parametrize(
+    ("layout", "error", "match"),
+    [
+        ("columns", ValueError, "nm_axis must be one of"),
+        (True, TypeError, "nm_axis must be one of"),
+        ({"nope.weight": 0}, ValueError, "not pruned here"),
+        (4, ValueError, "out of range"),
+    ],
+)
+def test_nm_axes_bad_layouts(layout, error, match):
+    from mfac.prune import nm_axes
+
+    model = nn.Sequential(nn.Conv2d(8, 4, 3))
+    with pytest.raises(error, match=match):
+        nm_axes(model, ["0.weight"], layout)
+
+
+def test_nm_axis_not_divisible_names_the_axis():
+    with pytest.raises(ValueError, match="dimension 1 of length 6"):
+        select_nm({"w": torch.rand(8, 6)}, 2, 4, axis=1)
+
+
+def test_prune_oneshot_nm_axis_needs_a_pattern_and_is_checked_before_any_change():
+    from mfac.prune import prune_oneshot
+
+    model = nn.Sequential(nn.Linear(8, 4))
+    before = model[0].weight.detach().clone()
+    data = [(torch.randn(2, 8), torch.randint(0, 4, (2,)))]
+
+    def loss(m, b):
+        return nn.functional.cross_entropy(m(b[0]), b[1])
+
+    with pytest.raises(ValueError, match="applies to N:M pruning only"):
+        prune_oneshot(model, loss, data, 0.5, curvature="identity", nm_axis="channels")
+    with pytest.raises(ValueError, match="nm_axis must be one of"):
+        prune_oneshot(model, loss, data, pattern="2:4", curvature="identity", nm_axis="cols")
+    assert torch.equal(model[0].weight, before)

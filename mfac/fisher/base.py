@@ -1,8 +1,11 @@
-"""The interface every inverse-Fisher operator implements.
+r"""The interface every inverse-Fisher operator implements.
 
-All operators represent ``F^{-1}`` for the damped empirical Fisher
+All operators represent ``F^{-1}`` for the damped empirical Fisher (``G``: ``(n, d)`` gradient rows, ``s``
+the averaging count, usually ``n = m``; ``damp`` is :math:`\lambda`)
 
-    F = damp * I + (1/s) * G^T G,        G: (n, d) gradient rows, s = the averaging count (usually n = m)
+.. math::
+
+    F = \lambda I + \frac{1}{s} G^\top G .
 
 Public methods validate and normalise their input and then call a private hook that only ever sees the
 canonical form (a 2-D ``(k, d)`` block of row vectors of the operator's dtype and device).

@@ -1,14 +1,22 @@
 r"""Static inverse Fisher: a fixed set of ``m`` gradients, built with BLAS-3 only.
 
-With ``G`` the ``(m, d)`` gradient matrix and ``F = damp I + (1/m) G^T G``, Woodbury gives
+With ``G`` the ``(m, d)`` gradient matrix and ``F = damp I + (1/m) G^T G`` (``damp`` is :math:`\lambda`),
+Woodbury gives, with the ``m x m`` SPD matrix ``M``,
 
-    F^{-1} = (I - G^T M^{-1} G) / damp,      M = m * damp * I + G G^T       (m x m, SPD)
+.. math::
 
-and with the Cholesky factor ``M = L L^T`` and ``Q = L^{-1} G`` (``m x d``):
+    F^{-1} = \frac{1}{\lambda}\left(I - G^\top M^{-1} G\right), \qquad M = m \lambda I + G G^\top ,
 
-    F^{-1} x     = (x - Q^T (Q x)) / damp                   two passes over Q: O(dm)
-    diag(F^{-1}) = (1 - colsum(Q * Q)) / damp                one pass: O(dm)
-    F^{-1}[j, k] = (delta_jk - <Q[:, j], Q[:, k]>) / damp     O(m)
+and with the Cholesky factor :math:`M = L L^\top` and :math:`Q = L^{-1} G` (``m x d``):
+
+.. math::
+
+    F^{-1} x &= \frac{1}{\lambda}\left(x - Q^\top (Q x)\right)
+        && \text{two passes over } Q\text{: } O(dm) \\
+    \operatorname{diag}(F^{-1}) &= \frac{1}{\lambda}\left(1 - \textstyle\sum_i Q_{ij}^2\right)
+        && \text{one pass: } O(dm) \\
+    [F^{-1}]_{jk} &= \frac{1}{\lambda}\left(\delta_{jk} - \langle Q_{:,j}, Q_{:,k}\rangle\right)
+        && O(m)
 
 This is the paper's static recursion (``v_i = F_{i-1}^{-1} g_i``, denominators ``m + g_i^T v_i``) in BLAS-3
 form: its denominators are (up to the factor ``damp``) the pivots of this Cholesky. The build is one Gram
@@ -64,6 +72,16 @@ class StaticInverseFisher(InverseFisher):
     The Gram products are accumulated in float64 (``chunk`` columns at a time in the input dtype), the
     ``m x m`` Cholesky is done in float64; a Gram matrix that rounding left indefinite is repaired with a
     small diagonal jitter and a :class:`~mfac.numerics.NumericalWarning`.
+
+    Example:
+        >>> G = torch.randn(8, 100, dtype=torch.float64)           # m = 8 gradients of d = 100
+        >>> op = StaticInverseFisher(G, damp=0.1)
+        >>> F = 0.1 * torch.eye(100, dtype=torch.float64) + G.T @ G / 8
+        >>> x = torch.randn(100, dtype=torch.float64)
+        >>> torch.allclose(op.mul(x), torch.linalg.solve(F, x))    # O(md), no d x d matrix
+        True
+        >>> torch.allclose(op.diag(), torch.linalg.inv(F).diagonal())
+        True
     """
 
     def __init__(

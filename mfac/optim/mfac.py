@@ -8,13 +8,18 @@ they do with the preconditioned direction ``u``:
 * :class:`MFACPreconditioner` writes ``u`` into ``p.grad`` in place, for any optimizer to consume;
 * :class:`MFAC` applies momentum and the learning rate itself (the paper's update).
 
-The math, per step ``t`` (``w``: all parameters with gradients, concatenated)::
+The math, per step ``t`` (``w``: all parameters with gradients, concatenated; :math:`\lambda` is ``damp``,
+:math:`\beta` is ``momentum``, :math:`\eta` is ``lr``, :math:`\delta` is ``weight_decay``):
 
-    g_t     = grad_t + weight_decay * w_t          weight decay before preconditioning (per group)
-    F_t     = damp I + (1/s) sum_i g_i g_i^T       over the window: g_t and up to m - 1 older g_i
-    u_t     = F_t^{-1} g_t                         O(m d): two passes over the m x d window
-    v_t     = momentum v_{t-1} + (1 - momentum) u_t,  v_0 = 0      (MFAC only; per group)
-    w_{t+1} = w_t - lr v_t                         (MFAC only; per group)
+.. math::
+
+    g_t &= \nabla_w \mathcal{L}(w_t) + \delta\, w_t
+        && \text{weight decay before preconditioning (per group)} \\
+    F_t &= \lambda I + \frac{1}{s} \textstyle\sum_i g_i g_i^\top
+        && \text{over the window: } g_t \text{ and up to } m - 1 \text{ older } g_i \\
+    u_t &= F_t^{-1} g_t && O(md)\text{: two passes over the } m \times d \text{ window} \\
+    v_t &= \beta v_{t-1} + (1 - \beta) u_t, \quad v_0 = 0 && \text{(MFAC only; per group)} \\
+    w_{t+1} &= w_t - \eta\, v_t && \text{(MFAC only; per group)}
 
 ``m`` is ``ngrads``, ``damp`` is lambda, and ``s`` is the averaging count (``average_over``:
 ``"seen"`` divides by the number of gradients in the window, so the first step is the
@@ -539,7 +544,9 @@ class _MFACBase(Optimizer):
 
 
 _COMMON_DOC = r"""
-    Args (shared by :class:`MFAC` and :class:`MFACPreconditioner`):
+    The arguments below are shared by :class:`MFAC` and :class:`MFACPreconditioner`.
+
+    Args:
         params: parameters or param groups, as for any ``torch.optim`` optimizer (also named
             parameters). All on one device; any real floating dtypes.
         ngrads: ``m``, the window size (the number of recent gradients kept). Global: every group
@@ -672,6 +679,45 @@ class MFAC(_MFACBase):
     other update rule, use :class:`MFACPreconditioner` with that optimizer.
 
     Masked-out coordinates of the parameters (``masks``) are set to zero at every step.
+
+    Example (the first step with ``average_over="seen"`` is the Sherman-Morrison step
+    ``u = g / (damp + |g|^2)``):
+
+        >>> w = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+        >>> opt = MFAC([w], lr=1.0, ngrads=4, damp=1e-2)
+        >>> w.grad = torch.tensor([0.3, 0.4], dtype=torch.float64)   # |g|^2 = 0.25
+        >>> opt.step()
+        >>> w.detach() - torch.tensor([3.0, 4.0], dtype=torch.float64)  # -lr g / (0.01 + 0.25)
+        tensor([-1.1538, -1.5385], dtype=torch.float64)
+        >>> w.grad = 10 * w.grad     # the same direction, 10x longer: F = damp I + (g1 g1^T + g2 g2^T) / 2
+        >>> before = w.detach().clone(); opt.step()
+        >>> round(float((w.detach() - before).norm()), 4)    # |g2| / (0.01 + (0.25 + 25) / 2): shorter
+        0.3957
+
+    Learning rate: the step is not scale-invariant, and SGD's learning rates do not carry over.
+    The window holds the current gradient, so ``u = F^{-1} g`` lies in the span of the window, where
+    ``F``'s eigenvalues are ``damp + sigma_k^2 / s`` (``sigma_k^2``: eigenvalues of ``G G^T``). Two
+    regimes follow:
+
+    .. math::
+
+        u \approx \frac{g}{\lambda + \lVert g \rVert^2 / c}, \qquad 1 \le c \le s .
+
+    * ``damp`` large against ``|g|^2 / s``: ``u ~ g / damp``, SGD with learning rate ``lr / damp``.
+    * ``damp`` small (the usual case, ``damp ~ 1e-5..1e-3``): ``u ~ g / (damp + |g|^2 / c)`` with ``c``
+      between 1 (a window of nearly parallel gradients: exactly ``g / (damp + |g|^2)``, the first step
+      with ``average_over="seen"``) and ``s`` (mutually orthogonal gradients of equal norm). So
+      ``|u| ~ c / |g|``: multiplying the loss by 10 makes the step 10 times *shorter*, and steps grow as
+      gradients shrink. For small ``damp`` the learning rate that works scales like ``|g|^2``, not like
+      SGD's.
+
+    Rule of thumb: ``lr ~ lr_SGD * (damp + |g|^2 / c)`` with ``|g|^2`` the squared norm of a typical
+    mini-batch gradient at the start (``c = ngrads`` for diverse gradients, 1 for collinear ones), then a
+    log-spaced sweep around it (factors of 3); the learning rates that train can differ from SGD's by
+    orders of magnitude either way (a model whose ``|g|^2`` is ~100 can need ``lr ~ 1``). Gradient
+    accumulation, loss scaling or a different loss reduction (sum vs mean) changes ``|g|`` and hence the
+    step: keep them fixed when reusing a tuned ``lr`` (see the Hugging Face Trainer note in the
+    integration docs).
     """
 
     def __init__(

@@ -24,6 +24,7 @@ from mfac.prune.enforce import MaskHandle, apply_masks
 from mfac.prune.masks import (
     check_nm,
     mask_sparsity,
+    nm_axes,
     parse_pattern,
     select_global,
     select_nm,
@@ -55,6 +56,7 @@ __all__ = [
     "apply_masks",
     "check_nm",
     "mask_sparsity",
+    "nm_axes",
     "parse_pattern",
     "select_global",
     "select_nm",

@@ -9,21 +9,35 @@ deterministic.
 Counting: pruning a fraction ``s`` of ``n`` weights removes ``round(s * n)`` of them (Python's ``round``, as
 ``torch.nn.utils.prune`` does), so the sparsity reached is exact up to that rounding.
 
-N:M: the ``N`` kept weights of every group of ``M`` consecutive entries of ``param.reshape(rows, -1)`` (``rows
-= param.shape[0]``; groups never straddle rows, so a Linear weight ``(out, in)`` is grouped along ``in`` and a
-Conv weight ``(out, in, kh, kw)`` along its flattened ``in * kh * kw``, as SparseGPT does). ``"2:4"`` keeps 2
-of every 4 (50 % sparsity), ``"4:8"`` keeps 4 of every 8.
+N:M: the ``N`` kept weights of every group of ``M`` consecutive entries along one axis of the parameter, its
+*group axis*; groups never straddle the other axes. ``"2:4"`` keeps 2 of every 4 (50 % sparsity), ``"4:8"``
+keeps 4 of every 8. Sparse tensor-core kernels need the groups along each layer's *input* dimension, whatever
+the storage; the layouts (:func:`nm_axes`, ``nm_axis=`` of :func:`~mfac.prune.prune_oneshot`):
+
+* ``"input"`` (default): a Linear ``(out, in)`` along ``in``; a transformers ``Conv1D`` ``(in, out)`` along
+  ``in`` (dim 0); a Conv1d/2d/3d ``(out, in, *kernel)`` along its flattened ``in * kh * kw`` (SparseGPT's
+  layout: for a 3x3 kernel a group of 4 spans kernel positions of one or two input channels).
+* ``"channels"`` (NVIDIA ASP's layout): as ``"input"``, but a convolution is grouped along ``in``: ``M``
+  consecutive input channels at each kernel position and output channel (ASP views a conv weight as
+  ``permute(2, 3, 0, 1).reshape(-1, in)``); needs ``in`` divisible by ``M``.
+
+``"rows"`` groups ``M`` consecutive entries of ``param.reshape(param.shape[0], -1)`` for every parameter (the
+stored rows: for a ``Conv1D`` that is the *output* dimension). An ``int`` axis (or ``{name: axis}``) groups
+along that dimension of each parameter, the other dimensions flattened: ``axis=1`` of a Conv2d is ASP's.
+Internally an axis is ``None`` (the stored-rows layout) or a dimension index.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
+from torch import nn
 
 __all__ = [
     "check_nm",
     "mask_sparsity",
+    "nm_axes",
     "nm_groups",
     "parse_pattern",
     "prune_count",
@@ -33,6 +47,10 @@ __all__ = [
 ]
 
 Tensors = Mapping[str, torch.Tensor]
+#: a group axis: None (``M`` consecutive entries of ``reshape(shape[0], -1)``) or a dimension index
+Axis = int | None
+Axes = Axis | Mapping[str, Axis]
+NM_LAYOUTS = ("input", "channels", "rows")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -186,48 +204,155 @@ def parse_pattern(pattern: str | tuple[int, int]) -> tuple[int, int]:
     return n, m
 
 
-def nm_groups(tensor: torch.Tensor, m: int, name: str = "tensor") -> torch.Tensor:
-    """View ``tensor`` as ``(groups, m)``: ``m`` consecutive entries of ``tensor.reshape(rows, -1)``.
+def _check_axis(tensor: torch.Tensor, axis: Axis, name: str) -> Axis:
+    if axis is None:
+        return None
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"N:M group axis of {name!r} must be an int or None, got {axis!r}")
+    if not -tensor.dim() <= axis < max(tensor.dim(), 1):
+        raise ValueError(
+            f"N:M group axis {axis} of {name!r} is out of range for its shape {tuple(tensor.shape)}"
+        )
+    return axis % max(tensor.dim(), 1)
+
+
+def _rows_view(tensor: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """``tensor`` as ``(rows, width)`` with groups running along ``width``."""
+    if axis is None:
+        rows = tensor.shape[0] if tensor.dim() > 1 else 1
+        return tensor.reshape(rows, -1)
+    moved = tensor.movedim(axis, -1) if tensor.dim() else tensor.reshape(1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def _from_rows_view(rows: torch.Tensor, like: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """Inverse of :func:`_rows_view`: back to ``like``'s shape."""
+    if axis is None or like.dim() <= 1:
+        return rows.reshape(like.shape)
+    moved_shape = like.movedim(axis, -1).shape
+    return rows.reshape(moved_shape).movedim(-1, axis)
+
+
+def nm_groups(tensor: torch.Tensor, m: int, name: str = "tensor", axis: Axis = None) -> torch.Tensor:
+    """View ``tensor`` as ``(groups, m)``: ``m`` consecutive entries along its group axis.
+
+    ``axis=None``: along the rows of ``tensor.reshape(shape[0], -1)``; an int: along that dimension, the
+    others flattened (a copy when the axis is not the last one).
 
     Raises:
-        ValueError: the row length (``numel / shape[0]``; ``numel`` for 1-D) is not divisible by ``m``.
+        ValueError: the length along the group axis is not divisible by ``m``.
     """
-    rows = tensor.shape[0] if tensor.dim() > 1 else 1
-    width = tensor.numel() // max(rows, 1)
+    axis = _check_axis(tensor, axis, name)
+    rows = _rows_view(tensor, axis)
+    width = rows.shape[1] if rows.dim() == 2 else 0
     if width % m:
+        where = "rows of" if axis is None else f"dimension {axis} of length"
         raise ValueError(
-            f"N:M groups of {m} need the row length of {name!r} to be divisible by {m}; its shape "
-            f"{tuple(tensor.shape)} has rows of {width}. Leave it out of params or use unstructured sparsity"
+            f"N:M groups of {m} need the group axis of {name!r} to be divisible by {m}; its shape "
+            f"{tuple(tensor.shape)} has {where} {width}. Choose another nm_axis, leave it out of params or "
+            "use unstructured sparsity"
         )
-    return tensor.reshape(-1, m)
+    return rows.reshape(-1, m)
 
 
-def select_nm(scores: Tensors, n: int, m: int, *, keep: Tensors | None = None) -> dict[str, torch.Tensor]:
+def nm_axes(model: nn.Module, names: Sequence[str], layout: str | Axes = "input") -> dict[str, Axis]:
+    """Return the N:M group axis of each named parameter of ``model`` (see the module docstring).
+
+    Args:
+        model: the model (modules are looked up to tell a ``Conv1D`` from a Linear).
+        names: user-facing parameter names.
+        layout: ``"input"`` (each layer's input dimension; convolutions flattened ``in * kh * kw``),
+            ``"channels"`` (input dimension; convolutions grouped over input channels at each kernel position,
+            NVIDIA ASP's layout), ``"rows"`` (stored rows), an ``int`` dimension for every parameter, or
+            ``{name: int | None}`` (names left out get ``"input"``).
+
+    Returns:
+        ``{name: axis}`` with ``axis`` None (stored rows) or a dimension index, for :func:`select_nm`.
+    """
+    from mfac.params import is_transformers_conv1d, writable_parameter
+
+    per_name: Mapping[str, Axis] = {}
+    rule = f"nm_axis must be one of {NM_LAYOUTS}, an int or a dict {{name: axis}}; got {layout!r}"
+    if isinstance(layout, str) and layout not in NM_LAYOUTS:
+        raise ValueError(rule)
+    if not isinstance(layout, (str, Mapping)) and (isinstance(layout, bool) or not isinstance(layout, int)):
+        raise TypeError(rule)
+    if isinstance(layout, Mapping):
+        unknown = sorted(set(layout) - set(names))
+        if unknown:
+            raise ValueError(f"nm_axis given for parameters that are not pruned here: {unknown}")
+        per_name, layout = layout, "input"
+    out: dict[str, Axis] = {}
+    for name in names:
+        param = writable_parameter(model, name)
+        if name in per_name:
+            out[name] = _check_axis(param, per_name[name], name)
+            continue
+        if not isinstance(layout, str):
+            out[name] = _check_axis(param, layout, name)
+            continue
+        path, _, _ = name.rpartition(".")
+        module = model.get_submodule(path) if path else model
+        if layout == "rows":
+            out[name] = None
+        elif is_transformers_conv1d(module):
+            out[name] = 0  # weight (in, out), used as x @ W
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and layout == "channels":
+            out[name] = 1  # (out, in, *kernel): in-channels at each kernel position
+        else:
+            out[name] = None  # Linear (out, in), convolutions flattened (out, in * prod(kernel)), others
+    return out
+
+
+def _axis_of(axis: Axes, name: str) -> Axis:
+    return axis.get(name) if isinstance(axis, Mapping) else axis
+
+
+def select_nm(
+    scores: Tensors, n: int, m: int, *, keep: Tensors | None = None, axis: Axes = None
+) -> dict[str, torch.Tensor]:
     """Keep the ``n`` highest scores in every group of ``m`` (see the module docstring for groups).
 
     Coordinates already pruned in ``keep`` stay pruned (a group may then keep fewer than ``n``).
 
+    Args:
+        scores: ``{name: score tensor}``.
+        n: how many are kept per group.
+        m: the group size.
+        keep: masks of an earlier step.
+        axis: the group axis, one for all (None: stored rows; an int: that dimension) or ``{name: axis}``
+            (:func:`nm_axes` gives each layer's input dimension).
+
     Returns:
         ``{name: bool mask}``, exactly ``m - n`` pruned per group (more where ``keep`` pruned more).
+
+    Example (a transformers ``Conv1D`` weight is stored ``(in, out)``: its input dimension is ``axis=0``):
+        >>> score = torch.tensor([[4.0, 1.0], [3.0, 2.0], [2.0, 3.0], [1.0, 4.0]])   # (in=4, out=2)
+        >>> select_nm({"w": score}, 2, 4, axis=0)["w"]            # 2 of the 4 inputs of each output
+        tensor([[ True, False],
+                [ True, False],
+                [False,  True],
+                [False,  True]])
     """
     if not (isinstance(n, int) and isinstance(m, int) and 0 <= n <= m and m >= 1):
         raise ValueError(f"select_nm needs integers 0 <= n <= m, m >= 1; got n={n}, m={m}")
     keep = _check_scores(scores, keep)
     out = {}
     for name, s in scores.items():
-        groups = nm_groups(_masked_scores(s, keep.get(name)), m, name)
+        ax = _check_axis(s, _axis_of(axis, name), name)
+        groups = nm_groups(_masked_scores(s, keep.get(name)), m, name, ax)
         mask = torch.zeros(groups.shape, dtype=torch.bool, device=s.device)
         if n:
             # stable: argsort descending keeps the earlier of tied entries
             order = torch.argsort(groups, dim=1, descending=True, stable=True)[:, :n]
             mask.scatter_(1, order, True)
-        mask = mask.reshape(s.shape)
+        mask = _from_rows_view(mask, s, ax)
         if name in keep:
             mask &= keep[name].to(s.device)
-        out[name] = mask
+        out[name] = mask.contiguous()
     return out
 
 
-def check_nm(mask: torch.Tensor, n: int, m: int) -> bool:
-    """Whether every group of ``m`` of ``mask`` keeps at most ``n`` entries."""
-    return bool((nm_groups(mask, m).sum(dim=1) <= n).all())
+def check_nm(mask: torch.Tensor, n: int, m: int, axis: Axis = None) -> bool:
+    """Whether every group of ``m`` of ``mask`` along ``axis`` keeps at most ``n`` entries."""
+    return bool((nm_groups(mask, m, axis=axis).sum(dim=1) <= n).all())

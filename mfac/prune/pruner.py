@@ -58,7 +58,9 @@ from mfac.prune.curvature import (
 )
 from mfac.prune.enforce import MaskHandle
 from mfac.prune.masks import (
+    Axes,
     mask_sparsity,
+    nm_axes,
     nm_groups,
     parse_pattern,
     select_global,
@@ -174,6 +176,7 @@ def _selectors(
     recompute: int | Sequence[float],
     pattern: str | tuple[int, int] | None,
     scope: str,
+    axes: Axes = None,
 ) -> list[tuple[str, Selector]]:
     """One ``(description, selector)`` per (re)computation step."""
     if scope not in _SCOPES:
@@ -195,10 +198,10 @@ def _selectors(
                 "with a pattern, recompute must be an int (steps lower the kept count per group)"
             )
         for name, kp in keep.items():
-            nm_groups(kp, m, name)  # fail early on shapes that do not split into groups
+            nm_groups(kp, m, name, axes.get(name) if isinstance(axes, Mapping) else axes)  # fail early
         k = min(recompute, m - n)
         counts = sorted({m - round((m - n) * j / k) for j in range(1, k + 1)}, reverse=True)
-        return [(f"{c}:{m}", lambda s, kp, c=c: select_nm(s, c, m, keep=kp)) for c in counts]
+        return [(f"{c}:{m}", lambda s, kp, c=c: select_nm(s, c, m, keep=kp, axis=axes)) for c in counts]
     if sparsity is None:
         raise ValueError("give a target sparsity or an N:M pattern")
     if isinstance(sparsity, Mapping) or scope == "layer":
@@ -376,6 +379,7 @@ def prune_oneshot(
     recompute: int | Sequence[float] = 1,
     update: str = DEFAULT_UPDATE,
     pattern: str | tuple[int, int] | None = None,
+    nm_axis: str | Axes = "input",
     params: Sequence[str] | None = None,
     scope: str = "global",
     masks: Mapping[str, torch.Tensor] | None = None,
@@ -403,7 +407,12 @@ def prune_oneshot(
         update: ``"joint"`` (exact joint OBS, default), ``"independent"`` (the paper's sum of single-weight
             updates) or ``"none"`` (mask only).
         pattern: ``"N:M"`` (e.g. ``"2:4"``): keep the ``N`` most salient of every ``M`` consecutive weights of
-            each row (see :mod:`mfac.prune.masks`).
+            each layer's input dimension (see :mod:`mfac.prune.masks`).
+        nm_axis: the group axis of ``pattern``: ``"input"`` (default: each layer's input dimension whatever
+            its storage: ``in`` of a Linear ``(out, in)`` and of a transformers ``Conv1D`` ``(in, out)``, the
+            flattened ``in * kh * kw`` of a convolution), ``"channels"`` (as ``"input"`` but convolutions
+            grouped over input channels at each kernel position, NVIDIA ASP's layout), ``"rows"`` (the stored
+            rows), an ``int`` dimension, or ``{name: int}`` (see :func:`~mfac.prune.masks.nm_axes`).
         params: names of the parameters to prune (default: Linear and Conv weights).
         scope: ``"global"`` (one ranking over all parameters, default) or ``"layer"`` (each parameter to
             ``sparsity``).
@@ -431,7 +440,10 @@ def prune_oneshot(
     source = _make_curvature(
         curvature, update, loss_fn, data, ngrads, damp, block_size, collect, relative_damp
     )
-    selectors = _selectors(keep, sparsity, recompute, pattern, scope)
+    if pattern is None and not (isinstance(nm_axis, str) and nm_axis == "input"):
+        raise ValueError(f"nm_axis={nm_axis!r} applies to N:M pruning only; pass a pattern (e.g. '2:4') too")
+    axes = nm_axes(model, names, nm_axis) if pattern is not None else None
+    selectors = _selectors(keep, sparsity, recompute, pattern, scope, axes)
     return prune_with(model, source, selectors, names, keep, update, progress=progress)
 
 
