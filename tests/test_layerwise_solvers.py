@@ -128,7 +128,7 @@ def test_sparsegpt_dead_inputs_are_pruned_first():
     x_dead[:, 2] = 0
     h, dead = prepare_hessian(x_dead, 0.01)
     assert dead.tolist() == [j == 2 for j in range(8)]
-    new_w, kept = sparsegpt(w, h, sparsity=0.25, dead=dead)
+    _, kept = sparsegpt(w, h, sparsity=0.25, dead=dead)
     assert not kept[:, 2].any()
     assert int((~kept).sum()) == 8
 
@@ -166,7 +166,7 @@ def test_obc_follows_the_greedy_brute_force_path():
 
 def test_obc_single_removal_is_the_exhaustive_optimum_and_beats_sparsegpt():
     w, h, _ = _problem(5, 6, seed=6)
-    got_w, kept = obc(w, h, sparsity=1 / 6)
+    got_w, _ = obc(w, h, sparsity=1 / 6)
     for i in range(5):
         best = min(_joint_removal(w[i], h, torch.arange(6) == q)[1] for q in range(6))
         dw = w[i] - got_w[i]

@@ -88,7 +88,7 @@ def hessian_inverse_factor(hessian: torch.Tensor, what: str = "layer Hessian") -
 
 
 def reconstruction_error(hessian: torch.Tensor, weight: torch.Tensor, new_weight: torch.Tensor) -> float:
-    """``||W X - W' X||^2 / ||W X||^2 = tr(dW H dW^T) / tr(W H W^T)`` with the undamped ``H`` (``O(r c^2)``)."""
+    """Return ``||W X - W' X||^2 / ||W X||^2 = tr(dW H dW^T) / tr(W H W^T)`` (undamped ``H``)."""
     h = hessian.to(torch.float64)
     w = weight.to(torch.float64)
     dw = w - new_weight.to(torch.float64)
@@ -111,7 +111,7 @@ def _select_lowest(scores: torch.Tensor, count: int, forced: torch.Tensor | None
 
 def _current(w: torch.Tensor, errors: torch.Tensor, u: torch.Tensor, b0: int, j: int, b1: int,
              stop: int) -> torch.Tensor:
-    """Current weights of columns ``j:stop``: those past the lazy batch ``b0:b1`` still owe its errors."""
+    """Return the current weights of columns ``j:stop`` (those past the lazy batch still owe its errors)."""
     if stop <= b1:
         return w[:, j:stop]
     pending = errors[:, : j - b0] @ u[b0:j, b1:stop]
@@ -154,7 +154,8 @@ def sparsegpt(
     if nm is None:
         starts = list(range(0, cols, mask_bs))
         sizes = [min(mask_bs, cols - s) for s in starts]
-        counts = dict(zip(starts, block_counts(rows * cols, [rows * s for s in sizes], sparsity), strict=True))
+        shares = block_counts(rows * cols, [rows * s for s in sizes], sparsity)
+        counts = dict(zip(starts, shares, strict=True))
     diag_sq = u.diagonal() ** 2  # [H_{j:}^{-1}]_jj
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
@@ -272,6 +273,8 @@ def wanda_mask(weight: torch.Tensor, input_sq_norms: torch.Tensor, *, sparsity: 
     Args:
         weight: ``(r, c)``.
         input_sq_norms: ``(c,)``, ``||X_j||^2`` (the undamped Hessian's diagonal up to a constant factor).
+        sparsity: fraction pruned, the same count in every row (cumulative rounding).
+        nm: ``(n, m)`` groups along the rows instead.
     """
     scores = weight.abs() * input_sq_norms.clamp_min(0).sqrt().unsqueeze(0)
     return _score_mask(scores, sparsity, nm, per_row=True)
