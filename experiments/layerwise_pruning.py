@@ -208,7 +208,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny model and data: seconds (smoke test)")
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt,obc,mfac")
-    ap.add_argument("--obc-settings", default="50%,2:4", help="settings OBC runs at (it costs O(r c^3))")
+    ap.add_argument("--obc-settings", default="50%", help="settings OBC runs at (it costs O(r c^3))")
     ap.add_argument("--ncalib", type=int, default=64, help="calibration windows (of the model's seq length)")
     ap.add_argument("--calib-batch", type=int, default=8)
     ap.add_argument("--nvalid", type=int, default=200, help="validation windows")

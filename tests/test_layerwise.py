@@ -183,6 +183,16 @@ def test_sequential_uses_the_pruned_blocks_outputs():
     assert not torch.allclose(seq.transformer.h[1].mlp.c_fc.weight, one_pass.transformer.h[1].mlp.c_fc.weight)
 
 
+def test_block_device_and_activation_store_options_give_the_same_result():
+    a, b = _gpt(), _gpt()
+    data = _ids()
+    ma = prune_layerwise(a, data, 0.5, forward_fn=fwd)
+    mb = prune_layerwise(b, data, 0.5, forward_fn=fwd, device="cpu", store="cpu", blocks="transformer.h")
+    for k in ma:
+        assert torch.equal(ma[k], mb[k])
+        assert torch.equal(a.get_parameter(k), b.get_parameter(k))
+
+
 def test_true_sequential_prunes_in_call_order_each_group_after_the_previous():
     model = _gpt(n_layer=1)
     data = _ids()

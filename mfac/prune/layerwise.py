@@ -20,6 +20,19 @@ Sequential calibration (``sequential=True``, the default):
 
 ``sequential=False`` hooks every target at once and prunes them all from one pass over the dense model.
 
+Choices (and why):
+
+* ``n`` in ``H = 2 X X^T / n`` counts sequences (the leading dimension of a ``(batch, seq, width)`` input;
+  images for a Conv2d; rows of a 2-D input), as the SparseGPT reference does. It only scales ``H``: masks
+  and updates do not depend on it because ``damp`` is relative to ``mean(diag H)``.
+* SparseGPT's adaptive mask ranks ``w^2 / U_jj^2`` over all rows of a ``mask_blocksize``-column block
+  together (the reference's rule: rows may end up with different densities), pruning exactly a
+  cumulative-rounding share of ``round(s * r * c)`` per block; N:M picks per row inside each group.
+* OBC prunes the same number of weights in every row (its share of ``round(s * r * c)``); with nearly
+  isotropic inputs a layer-wide magnitude ranking can then beat it, which the SparseGPT sweep avoids.
+* Dead inputs (``H_jj = 0``) get ``H_jj = 1`` and their weights are pruned first (they never affect the
+  output), as the reference does.
+
 Memory: one Hessian per layer being pruned, ``c^2 * 4`` bytes in float32 (only one block's at a time when
 sequential; all of them otherwise); the captured activations, ``N * seq * width * 4`` bytes for ``N``
 calibration sequences (twice while a block's outputs are computed), kept on ``store`` (e.g. the CPU) while
