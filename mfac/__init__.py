@@ -24,6 +24,7 @@ from mfac.prune import (
     obs_scores,
     prune_oneshot,
 )
+from mfac.prune.layerwise import LayerReport, prune_layerwise
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,9 @@ __all__ = [
     "apply_masks",
     "obs_scores",
     "prune_oneshot",
+    # layer-wise pruning (SparseGPT, OBC)
+    "LayerReport",
+    "prune_layerwise",
     # gradients and parameters
     "ParamSpace",
     "collect_grads",

@@ -8,6 +8,8 @@ Public entry points (see :mod:`mfac.prune.pruner` for the semantics):
 * the ``torch.nn.utils.prune`` bridge: :func:`apply_torch_prune`, :func:`torch_importance_scores`,
   :func:`torch_prune_parameters`;
 * baselines: :func:`magnitude_scores`, :func:`magnitude_prune`, :func:`diagonal_fisher_scores`;
+* layer-wise OBS on each layer's reconstruction loss (SparseGPT, OBC) with sequential calibration:
+  :func:`prune_layerwise` and its :class:`LayerReport` (:mod:`mfac.prune.layerwise`);
 * building blocks: OBS formulas on an operator (:mod:`mfac.prune.scores`), selection
   (:mod:`mfac.prune.masks`), curvature sources (:class:`Curvature`).
 """
@@ -21,6 +23,7 @@ from mfac.prune.curvature import (
     IdentityCurvature,
 )
 from mfac.prune.enforce import MaskHandle, apply_masks
+from mfac.prune.layerwise import LAYERWISE_METHODS, LayerReport, prune_layerwise
 from mfac.prune.masks import (
     check_nm,
     mask_sparsity,
@@ -46,6 +49,10 @@ __all__ = [
     "GradualPruner",
     "obs_scores",
     "prune_oneshot",
+    # layer-wise OBS (SparseGPT, OBC)
+    "LAYERWISE_METHODS",
+    "LayerReport",
+    "prune_layerwise",
     # schedules
     "CubicSchedule",
     "PruningSchedule",
