@@ -211,7 +211,7 @@ def load_split(
     prefix = "torchvision:"
     if not dataset.startswith(prefix):
         raise ValueError(
-            f"dataset must be 'digits', 'mnist', 'shakespeare' or 'torchvision:NAME', got {dataset!r}"
+            f"dataset must be 'digits' or 'torchvision:NAME' (or 'mnist', 'shakespeare'), got {dataset!r}"
         )
     try:
         import torchvision

@@ -344,7 +344,7 @@ def markdown_tables(
     for r in sweep:
         note = f" ({r['diverged']}/{r['seeds']} diverged)" if r["diverged"] else ""
         if r["optimizer"] == "MFAC" and r.get("grad_sq") is not None:
-            note += f" (first-step mean |g|^2 {r['grad_sq']:.3g})"
+            note += f" (first-step ‖g‖² {r['grad_sq']:.3g})"  # no pipes: it sits in a table cell
         out.append(
             f"| {r['model']} | {r['optimizer']} | {r['lr']:g} | "
             f"{_fmt(r['train_loss'], '.4f')} +- {_fmt(r['train_loss_std'], '.4f')}{note} | "

@@ -59,7 +59,7 @@ def test_optimizer_comparison_on_shakespeare_logs_the_gradient_scale(tmp_path):
     assert all(r["grad_sq"] > 0 for r in results["runs"])
     assert results["step_time"] == []
     table = (tmp_path / "results.md").read_text()
-    assert "Shakespeare" in table and "first-step mean |g|^2" in table and "ResNet-20" not in table
+    assert "Shakespeare" in table and "first-step ‖g‖²" in table and "ResNet-20" not in table
 
 
 @needs_shakespeare
