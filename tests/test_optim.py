@@ -295,10 +295,12 @@ def test_preconditioner_masks_zero_the_gradient_and_adam_keeps_zeros():
     model = make_model()
     w = model[2].weight
     mask = torch.ones_like(w)
-    mask[:, :2] = 0  # a 0/1 float mask (as torch.nn.utils.prune stores them)
+    mask[:, :2] = 0  # a 0/1 float mask (as torch.nn.utils.prune stores them): masks are bool
     with torch.no_grad():
         w.mul_(mask)
-    precond = MFACPreconditioner(model.parameters(), ngrads=4, damp=1e-3, masks={w: mask})
+    with pytest.raises(TypeError, match=r"must have dtype torch.bool .* convert with .bool\(\)"):
+        MFACPreconditioner(model.parameters(), ngrads=4, damp=1e-3, masks={w: mask})
+    precond = MFACPreconditioner(model.parameters(), ngrads=4, damp=1e-3, masks={w: mask.bool()})
     adam = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(4):
         backward(model, step)
