@@ -116,6 +116,8 @@ def default_prunable(model: nn.Module) -> list[str]:
     ``torch.nn.utils.prune``) and come in the order of ``model.named_parameters()``. A weight tied
     to another parameter is listed under the name ``named_parameters`` gives it (its first owner).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     wanted: set[int] = set()
     for module in model.modules():
         if not isinstance(module, _PRUNABLE_TYPES):
