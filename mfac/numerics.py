@@ -137,7 +137,9 @@ def check_not_meta(tensor: torch.Tensor, name: str) -> None:
         )
 
 
-def check_bool_mask(mask: object, name: str, shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
+def check_bool_mask(
+    mask: object, name: str, shape: torch.Size | tuple[int, ...] | None = None
+) -> torch.Tensor:
     """Check a mask: a ``torch.bool`` tensor (``TypeError`` otherwise) of ``shape`` (``ValueError``)."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.bool tensor (True = kept), got {type(mask).__name__}")

@@ -339,13 +339,13 @@ CASES = [
      ValueError, r"a key of shape \(2, 3\) is not one of them"),
     ("MFAC masks int key", lambda: mfac.MFAC(params(), masks={0: torch.ones(2, 3, dtype=torch.bool)}), TypeError,
      r"got a key of type int"),
-    ("MFAC mask float", (lambda ps=params(): mfac.MFAC(ps, masks={ps[0]: torch.ones(2, 3)})), TypeError,
+    ("MFAC mask float", lambda: _with_mask(torch.ones(2, 3)), TypeError,
      r"must have dtype torch.bool .*convert with .bool\(\)"),
-    ("MFAC mask shape", (lambda ps=params(): mfac.MFAC(ps, masks={ps[0]: torch.ones(3, 3, dtype=torch.bool)})), ValueError,
+    ("MFAC mask shape", lambda: _with_mask(torch.ones(3, 3, dtype=torch.bool)), ValueError,
      r"must have the parameter's shape \(2, 3\), got \(3, 3\)"),
-    ("MFAC mask list", (lambda ps=params(): mfac.MFAC(ps, masks={ps[0]: [[True] * 3] * 2})), TypeError,
+    ("MFAC mask list", lambda: _with_mask([[True] * 3] * 2), TypeError,
      r"must be a torch.bool tensor"),
-    ("MFAC mask meta", (lambda ps=params(): mfac.MFAC(ps, masks={ps[0]: torch.ones(2, 3, dtype=torch.bool, device="meta")})),
+    ("MFAC mask meta", lambda: _with_mask(torch.ones(2, 3, dtype=torch.bool, device="meta")),
      ValueError, r"must be on cpu, got meta"),
     # --- MFAC step
     ("MFAC NaN grad", lambda: set_grads(optimizer(), NAN), ValueError,
@@ -558,6 +558,11 @@ CASES = [
     ("restricted grads NaN", lambda: mprune.restricted_joint_update(torch.zeros(6), with_value(G(), NAN), 1e-2, torch.tensor([0])),
      ValueError, r"grads must be finite"),
 ]
+
+
+def _with_mask(mask):
+    ps = params()
+    return mfac.MFAC(ps, masks={ps[0]: mask})
 
 
 def _frozen():

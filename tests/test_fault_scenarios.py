@@ -210,7 +210,7 @@ def test_too_small_damp_at_the_first_step_changes_nothing():
     opt = mfac.MFAC(net.parameters(), lr=0.05, ngrads=3, damp=1e-39)
     loss_fn(net, _data(dtype=torch.float32)[0]).backward()
     before = model_state(net)
-    with pytest.raises(ValueError, match="too small for torch.float32"):
+    with pytest.raises(ValueError, match=r"too small for torch\.float32"):
         opt.step()
     assert opt.inverse_fisher is None and opt.num_steps == 0
     assert_same(model_state(net), before)
@@ -220,7 +220,7 @@ def test_bad_param_group_leaves_the_groups_as_they_were():
     net = _model()
     opt = mfac.MFAC(net.parameters(), lr=0.05, ngrads=3, damp=1e-2)
     groups = [dict(g) for g in opt.param_groups]
-    with pytest.raises(ValueError, match="meta device|one device"):
+    with pytest.raises(ValueError, match=r"meta device|one device"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, device="meta"))]})
     with pytest.raises(ValueError, match="lr must be >= 0"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64))], "lr": -1.0})
@@ -244,7 +244,7 @@ def test_mask_update_with_one_bad_mask_changes_nothing():
     handle = mprune.apply_masks(net, {"0.weight": torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) > 0.5})
     masks, before = snapshot(handle.masks), model_state(net)
     new = {"0.weight": torch.zeros(4, 4, dtype=torch.bool), "2.weight": torch.ones(3, 4)}  # the second is float
-    with pytest.raises(TypeError, match="mask of '2.weight' must have dtype torch.bool"):
+    with pytest.raises(TypeError, match=r"mask of .2\.weight. must have dtype torch\.bool"):
         handle.update(new)
     assert_same(snapshot(handle.masks), masks)
     assert_same(model_state(net), before)

@@ -38,7 +38,9 @@ class DenseInverseFisher(InverseFisher):
         if m:
             fisher.addmm_(g64.T, g64, alpha=1.0 / m)
         self._ngrads = m
-        factor, self.jitter = safe_cholesky(fisher, what="dense Fisher damp*I + G^T G / m", entry_dtype=SMALL_DTYPE)
+        factor, self.jitter = safe_cholesky(
+            fisher, what="dense Fisher damp*I + G^T G / m", entry_dtype=SMALL_DTYPE
+        )
         #: the explicit ``F^{-1}``, shape ``(d, d)``, in the gradients' dtype.
         self.matrix = torch.cholesky_inverse(factor).to(grads.dtype)
 

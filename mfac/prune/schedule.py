@@ -213,7 +213,9 @@ def recompute_steps(start: float, target: float, k: int) -> list[float]:
         k: number of steps, >= 1.
     """
     if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"the number of recomputation steps must be an int >= 1, got {type(k).__name__} {k!r}")
+        raise TypeError(
+            f"the number of recomputation steps must be an int >= 1, got {type(k).__name__} {k!r}"
+        )
     if k < 1:
         raise ValueError(f"the number of recomputation steps must be an int >= 1, got {k!r}")
     if not 0.0 <= start < 1.0 or not start <= target <= 1.0:
