@@ -10,6 +10,7 @@ the refactor cadence of the sliding window.
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -199,3 +200,26 @@ def test_sliding_window_refactors_every_m_rank_one_updates(average_over, monkeyp
     fill = list(range(1, m + 1))  # the first m steps refactor (the window is not full yet)
     steady = list(range(2 * m + 1, steps + 1, m + 1))  # then after every m rank-one updates
     assert calls == fill + steady
+
+
+@pytest.mark.parametrize("damp", [1e-6, 1e-7])
+def test_repeated_gradients_warn_that_accuracy_is_lost(damp):
+    """m copies of one float32 gradient: F^-1 g = g / (damp + |g|^2) is a combination of window rows
+    that cancels by 1e9 or more; the float32 Gram's rounding makes the result unreliable: say so."""
+    g = torch.randn(2000, generator=torch.Generator().manual_seed(0))
+    op = mfac.SlidingInverseFisher(2000, 8, damp)
+    with pytest.warns(mfac.NumericalWarning, match=r"nearly\) collinear .* cancels by"):
+        for _ in range(3 * 8):
+            op.update_mul(g)
+
+
+def test_ordinary_windows_at_tiny_damp_do_not_warn():
+    gen = torch.Generator().manual_seed(1)
+    op = mfac.SlidingInverseFisher(3000, 8, 1e-8)
+    ref = mfac.SlidingInverseFisher(3000, 8, 1e-8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mfac.NumericalWarning)
+        for _ in range(20):
+            g = torch.randn(3000, generator=gen)
+            y, expected = op.update_mul(g), ref.update_mul(g.double())
+            assert ((y.double() - expected).norm() / expected.norm()).item() <= 1e-5
