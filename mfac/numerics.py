@@ -22,7 +22,8 @@ Error rules (every public entry point of mfac follows them)
   ``torch.bool``, a window ``dtype`` that is not supported), an unknown keyword argument.
 * ``ValueError``: a value of the right type that breaks a rule: out of range (``damp <= 0``, a
   sparsity above 1), not finite, a wrong shape, a name that is not a parameter, a state dict that is
-  malformed, corrupt or from another configuration (missing keys included), tensors on the wrong
+  malformed, corrupt or from another configuration (missing keys and entries of the wrong type included:
+  the state dict is the value; only a state dict that is not a dict is a ``TypeError``), tensors on the wrong
   *device* (a device mismatch is a placement value, like a shape: always ``ValueError``), meta tensors
   (they hold no numbers).
 * ``IndexError``: an index out of range (``submatrix``). ``MemoryError``: an allocation that does not

@@ -2,7 +2,8 @@
 
 The rules (mfac/numerics.py): ``TypeError`` for a wrong type or dtype (not a tensor, a bool where a number
 is needed, a float mask, an unsupported window dtype, an unknown keyword); ``ValueError`` for a wrong value
-(range, finiteness, shape, unknown name, device, meta tensors, malformed or corrupt state dicts);
+(range, finiteness, shape, unknown name, device, meta tensors, malformed or corrupt state dicts, whatever
+the bad entry's type);
 ``IndexError`` for indices out of range; ``MemoryError`` with the size for allocations that cannot fit.
 Every case is built fresh (no state shared between cases). Fault scenarios (nothing changed before an
 error) are in ``test_fault_scenarios.py``.
@@ -280,9 +281,9 @@ CASES = [
     ("state negative jitter", lambda: sliding().load_state_dict(sliding_state(jitter=-1.0)), ValueError,
      r"jitter'\] must be a finite float >= 0"),
     ("state NaN jitter", lambda: sliding().load_state_dict(sliding_state(jitter=NAN)), ValueError, r"jitter"),
-    ("state grads list", lambda: sliding().load_state_dict(sliding_state(grads=[[0.0]])), TypeError,
+    ("state grads list", lambda: sliding().load_state_dict(sliding_state(grads=[[0.0]])), ValueError,
      r"state_dict\['grads'\] must be a torch.Tensor"),
-    ("state gram int", lambda: sliding().load_state_dict(sliding_state(gram=lambda t: t.long())), TypeError,
+    ("state gram int", lambda: sliding().load_state_dict(sliding_state(gram=lambda t: t.long())), ValueError,
      r"state_dict\['gram'\] must be a floating tensor"),
     ("state grads shape", lambda: sliding().load_state_dict(sliding_state(grads=lambda t: t.reshape(6, 3))), ValueError,
      r"state_dict\['grads'\] has shape \(6, 3\), expected \(3, 6\)"),
@@ -366,7 +367,7 @@ CASES = [
     ("opt momentum NaN", lambda: opt_state(lambda s: s["state"][1]["momentum_buffer"].fill_(NAN)), ValueError,
      r"'momentum_buffer' must be finite"),
     ("opt momentum int", lambda: opt_state(lambda s: s["state"][1].update(momentum_buffer=torch.zeros(2, dtype=torch.int64))),
-     TypeError, r"must be a floating tensor"),
+     ValueError, r"must be a floating tensor"),
     ("opt negative num_steps", lambda: opt_state(lambda s: glob_of(s).update(num_steps=-3)), ValueError,
      r"num_steps=-3; it must be an int >= 0"),
     ("opt missing fisher", lambda: opt_state(lambda s: glob_of(s).pop("fisher")), ValueError, r"is missing \['fisher'\]"),
@@ -522,6 +523,10 @@ CASES = [
      r"must have the parameter's shape \(4, 4\)"),
     ("apply_masks unknown name", lambda: handle(masks={"x.weight": BOOL44}), ValueError, r"'x.weight' is not a parameter"),
     ("apply_masks model", lambda: mprune.apply_masks("m", {}), TypeError, r"model must be a torch.nn.Module"),
+    ("torch prune float mask", lambda: mprune.apply_torch_prune(model(), {"0.weight": torch.ones(4, 4)}), TypeError,
+     r"mask of '0.weight' must have dtype torch.bool"),
+    ("torch prune shape", lambda: mprune.apply_torch_prune(model(), {"0.weight": BOOL44[:2]}), ValueError,
+     r"mask of '0.weight' must have the parameter's shape \(4, 4\)"),
     ("attach not optimizer", lambda: handle().attach("sgd"), TypeError, r"optimizer must be a torch.optim.Optimizer"),
     # --- selection
     ("select_global sparsity 2", lambda: mprune.select_global(SCORES, 2.0), ValueError, r"sparsity must lie in \[0, 1\], got 2.0"),

@@ -299,3 +299,13 @@ def test_half_precision_model_prunes_through_float32_operators():
             weight = net.get_parameter(name)
             assert weight.dtype == dtype and bool((weight[~mask] == 0).all())
             assert bool(torch.isfinite(weight).all())
+
+
+def test_torch_prune_bridge_checks_every_mask_before_reparametrizing_any_module():
+    net = _model()
+    before = model_state(net)
+    masks = {"0.weight": torch.ones(4, 4, dtype=torch.bool), "2.weight": torch.ones(3, 4)}  # second: float
+    with pytest.raises(TypeError, match=r"mask of '2\.weight' must have dtype torch\.bool"):
+        mprune.apply_torch_prune(net, masks)
+    assert_same(model_state(net), before)
+    assert not hasattr(net[0], "weight_orig") and "weight_mask" not in net[0]._buffers

@@ -412,8 +412,9 @@ class SlidingInverseFisher(InverseFisher):
         """Restore :meth:`state_dict` output, copying into this operator's dtype and device.
 
         The settings (``dim``, ``ngrads``, ``damp``, ``average_over``) must match this operator's.
-        Everything is checked before anything is copied (:meth:`check_state_dict`); on a
-        ``ValueError`` (``TypeError`` for a non-tensor entry) the operator is left as it was.
+        Everything is checked before anything is copied (:meth:`check_state_dict`); on an error
+        (``ValueError`` for any bad entry, ``TypeError`` if ``state`` is not a dict) the operator is
+        left as it was.
         """
         self.check_state_dict(state)
         self._grads.copy_(state["grads"])
@@ -466,9 +467,9 @@ class SlidingInverseFisher(InverseFisher):
         for key, mine in (("grads", self._grads), ("gram", self._gram), ("inv", self._inv)):
             value = state[key]
             if not isinstance(value, torch.Tensor):
-                raise TypeError(f"state_dict[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+                raise ValueError(f"state_dict[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
             if not value.is_floating_point():
-                raise TypeError(f"state_dict[{key!r}] must be a floating tensor, got dtype {value.dtype}")
+                raise ValueError(f"state_dict[{key!r}] must be a floating tensor, got dtype {value.dtype}")
             check_not_meta(value, f"state_dict[{key!r}]")
             if tuple(value.shape) != tuple(mine.shape):
                 raise ValueError(

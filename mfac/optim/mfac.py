@@ -555,7 +555,7 @@ class _MFACBase(Optimizer):
                     )
                 where = f"state of {self._name(param)}: {name!r}"
                 if not item.is_floating_point():
-                    raise TypeError(f"{where} must be a floating tensor, got dtype {item.dtype}")
+                    raise ValueError(f"{where} must be a floating tensor, got dtype {item.dtype}")
                 check_not_meta(item, where)
                 if name == "momentum_buffer" and tuple(item.shape) != tuple(self._local(param).shape):
                     raise ValueError(
