@@ -437,6 +437,15 @@ class SlidingInverseFisher(InverseFisher):
         the window, and a window saved from another run). Cost: one pass over the window (``O(md)``)
         plus ``O(m^2)``; no copy of the window.
         """
+        sq = self._check_state_local(state)
+        self._reduce(sq)  # sharded windows: the full rows' norms (a collective: every rank gets here)
+        self._check_gram_diagonal(state, sq)
+
+    def _check_state_local(self, state: Mapping[str, Any]) -> torch.Tensor:
+        """Run every check of :meth:`check_state_dict` that needs no communication.
+
+        Returns the window's squared row norms ``(n,)`` (float64) over this process's columns.
+        """
         if not isinstance(state, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")
         missing = [k for k in _STATE_KEYS if k not in state]
@@ -490,9 +499,12 @@ class SlidingInverseFisher(InverseFisher):
         if not torch.allclose(top, top.T, rtol=1e-12, atol=0.0):
             raise ValueError("state_dict['gram'] must be symmetric (it is G G^T)")
         window = state["grads"][:n].to(device=self._device)
-        sq = torch.linalg.vector_norm(window, dim=1, dtype=SMALL_DTYPE).square_()  # (n,)
-        self._reduce(sq)  # sharded windows: the full rows' norms
-        diag = top.diagonal()
+        return torch.linalg.vector_norm(window, dim=1, dtype=SMALL_DTYPE).square_()  # (n,)
+
+    def _check_gram_diagonal(self, state: Mapping[str, Any], sq: torch.Tensor) -> None:
+        """Check the Gram diagonal against the window's squared row norms ``sq`` (relative ``1e-2``)."""
+        n = sq.shape[0]
+        diag = state["gram"].to(device=self._device, dtype=SMALL_DTYPE).diagonal()[:n]
         if not bool(torch.isfinite(sq).all()):
             raise ValueError("state_dict['grads'] must be finite: the window holds NaN or inf (or overflows)")
         bad = (sq - diag).abs() > 1e-2 * torch.maximum(sq, diag) + torch.finfo(torch.float32).tiny

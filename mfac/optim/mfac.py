@@ -44,6 +44,7 @@ from mfac.numerics import (
     check_not_meta,
     check_positive_int,
 )
+from mfac.optim._checkpoint import check_optimizer_state
 from mfac.optim._layout import Layout
 
 logger = logging.getLogger(__name__)
@@ -478,7 +479,7 @@ class _MFACBase(Optimizer):
         been built with the same masks. A checkpoint saved with ``save_window=False`` restarts the
         window empty (everything else is restored). Everything is checked before anything changes.
         """
-        self._check_state_dict(state_dict)
+        check_optimizer_state(self, state_dict, _STATE_KEY, _WINDOW_DTYPES)
         per_param: dict[Any, dict[str, Any]] = {}
         glob = None
         for key, value in state_dict["state"].items():
@@ -508,84 +509,6 @@ class _MFACBase(Optimizer):
             if self._layout is None
             else torch.empty(self._layout.dim, dtype=self._layout.dtype, device=self._layout.device)
         )
-
-    def _check_state_dict(self, state_dict: Any) -> None:
-        """Check the structure and the per-parameter state of ``state_dict``; change nothing.
-
-        The window itself is checked by :meth:`SlidingInverseFisher.check_state_dict` when it is
-        rebuilt (finiteness, counters, shapes, Gram diagonal against the window's row norms).
-        """
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        missing = [k for k in ("state", "param_groups") if k not in state_dict]
-        if missing:
-            raise ValueError(
-                f"state_dict is missing {missing}; expected the output of {type(self).__name__}.state_dict()"
-            )
-        groups, states = state_dict["param_groups"], state_dict["state"]
-        if not isinstance(states, Mapping) or not isinstance(groups, (list, tuple)) or not all(
-            isinstance(g, Mapping) and "params" in g for g in groups
-        ):
-            raise ValueError(
-                "state_dict['state'] must be a dict and state_dict['param_groups'] a list of dicts "
-                "with 'params'"
-            )
-        params = self._params()
-        saved_ids = [i for g in groups for i in g["params"]]
-        if len(saved_ids) != len(params):
-            raise ValueError(
-                f"state_dict has {len(saved_ids)} parameters, this optimizer {len(params)}: "
-                "a checkpoint of another model or optimizer"
-            )
-        id_map = dict(zip(saved_ids, params, strict=True))
-        for key, value in states.items():
-            if not isinstance(value, Mapping):
-                raise ValueError(f"state_dict['state'][{key!r}] must be a dict, got {type(value).__name__}")
-            glob = value.get(_STATE_KEY)
-            if glob is not None:
-                self._check_global_state(glob)
-            param = id_map.get(key)
-            for name, item in value.items():
-                if name == _STATE_KEY or not isinstance(item, torch.Tensor):
-                    continue
-                if param is None:
-                    raise ValueError(
-                        f"state_dict['state'] has an entry for parameter id {key!r}, which no param "
-                        f"group lists (ids: {saved_ids})"
-                    )
-                where = f"state of {self._name(param)}: {name!r}"
-                if not item.is_floating_point():
-                    raise ValueError(f"{where} must be a floating tensor, got dtype {item.dtype}")
-                check_not_meta(item, where)
-                if name == "momentum_buffer" and tuple(item.shape) != tuple(self._local(param).shape):
-                    raise ValueError(
-                        f"{where} has shape {tuple(item.shape)}, the parameter "
-                        f"{tuple(self._local(param).shape)} (a checkpoint of another model?)"
-                    )
-                if not bool(torch.isfinite(item).all()):
-                    raise ValueError(f"{where} must be finite, it holds NaN or inf")
-
-    def _check_global_state(self, glob: Any) -> None:
-        """Structure and ranges of the saved global (curvature) state."""
-        if not isinstance(glob, Mapping):
-            raise ValueError(f"the saved M-FAC state must be a dict, got {type(glob).__name__}")
-        keys = ("version", "num_steps", "num_skipped", "masks", "active", "window_dtype", "fisher")
-        missing = [k for k in keys if k not in glob]
-        if missing:
-            raise ValueError(f"the saved M-FAC state (state_dict['state'][0]['mfac']) is missing {missing}")
-        for key in ("num_steps", "num_skipped"):
-            value = glob[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"the saved M-FAC state has {key}={value!r}; it must be an int >= 0")
-        if glob["active"] is not None and glob["window_dtype"] not in _WINDOW_DTYPES:
-            raise ValueError(
-                f"the saved M-FAC state has window_dtype={glob['window_dtype']!r}; expected one of "
-                f"{_WINDOW_DTYPES}"
-            )
-        if not isinstance(glob["masks"], Mapping) or not all(
-            isinstance(m, torch.Tensor) and m.dtype == torch.bool for m in glob["masks"].values()
-        ):
-            raise ValueError("the saved M-FAC state's masks must be a dict {position: bool tensor}")
 
     def _restore_window(
         self, glob: dict[str, Any] | None, params: list[torch.Tensor], groups: list[dict[str, Any]]
