@@ -13,6 +13,7 @@ Prints markdown tables, writes them with a JSON file and PNG plots under ``--out
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -73,7 +74,10 @@ def speed_table(m: int, d: int) -> list[dict]:
     new = torch.randn(d, generator=gen)
     buf, c = window.window, torch.randn(m, generator=gen)
     floor_step = median_time(lambda: (buf @ new, c @ buf))
-    step = median_time(lambda: window.update_mul(new))
+    # fresh gradients each call: timing one vector over and over fills the window with copies of it,
+    # which is the (nearly collinear) float64 fallback path, not an ordinary step
+    fresh = itertools.cycle(torch.randn(m + 1, d, generator=gen))
+    step = median_time(lambda: window.update_mul(next(fresh)))
     upper = torch.linalg.cholesky(grads @ grads.T + m * torch.eye(m)).mT.contiguous()
     floor_build = median_time(  # Gram + the faster (right-sided) layout of the triangular solve
         lambda: (grads @ grads.T, torch.linalg.solve_triangular(upper, grads.mT, upper=True, left=False)), 3

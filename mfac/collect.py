@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mfac.numerics import allocate, check_positive_int, format_bytes
+from mfac.numerics import allocate, check_not_meta, check_positive_int, format_bytes
 from mfac.params import ParamSpace
 
 logger = logging.getLogger(__name__)
@@ -363,6 +363,8 @@ def collect_grads(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
     space = _resolve_space(model, params)
+    for name, p in space.named_params():
+        check_not_meta(p, f"parameter {name!r}")
     if masked and not space.has_masks:
         raise ValueError("masked=True needs params to be a ParamSpace with masks, got none")
     width = space.kept_dim if masked else space.dim

@@ -602,3 +602,8 @@ def test_bad_input(call, error, message):
     with pytest.raises(error, match=message) as info:
         call()
     assert type(info.value) is error  # the exact type, not a subclass (KeyError is not a ValueError)
+
+
+def test_collect_refuses_meta_parameters():
+    with pytest.raises(ValueError, match=r"parameter '0.weight' is on the meta device"):
+        collect(net=model().to("meta"))

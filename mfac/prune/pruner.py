@@ -482,6 +482,10 @@ class GradualPruner:
         optimizers: optimizers to keep from reviving pruned weights.
         **kwargs: the keyword arguments of :func:`prune_oneshot` (``ngrads``, ``damp``, ``block_size``,
             ``recompute``, ``update``, ``params``, ``scope``, ``curvature``, ...).
+
+    Everything the first pruning event would check is checked here, before the model is touched: an
+    unknown keyword is a ``TypeError``, a bad value (``damp=-1``, ``recompute=0``, an unknown
+    parameter name) a ``ValueError`` or ``TypeError`` by the rules of :mod:`mfac.numerics`.
     """
 
     def __init__(
