@@ -589,7 +589,8 @@ _COMMON_DOC = r"""
             ``m x d`` window (and its ``m x m`` Gram matrix and inverse, useless without it) out;
             loading such a checkpoint restarts the window empty, everything else (step counters,
             momentum, masks, the window's coordinate set) is restored. Also an attribute.
-        skip_nonfinite: what a step with a NaN or inf gradient (plus weight decay) does. False
+        skip_nonfinite: what a step with a NaN or inf gradient (plus weight decay), or a finite
+            one whose squared norm overflows the window's dtype (|g| > 1.8e19 in float32), does. False
             (default): raise ``ValueError`` naming the parameters; the window, the parameters and
             the momentum are left untouched, so the caller may catch it and continue. True: skip the
             step silently (counted in :attr:`num_skipped`, logged at debug level), e.g. under a

@@ -160,12 +160,10 @@ def _make_curvature(
         raise TypeError(f"curvature={curvature!r} needs ngrads and damp (keyword arguments)")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
-    try:
-        iter(data)  # a one-shot iterator returns itself: nothing is consumed
-    except TypeError:
+    if not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):  # no iter(): workers would start
         raise TypeError(
             f"data must be an iterable of batches (a list, a DataLoader), got {type(data).__name__}"
-        ) from None
+        )
     if curvature == "diagonal":
         return DiagonalFisherCurvature(
             loss_fn, data, ngrads=ngrads, damp=damp, collect=collect, relative_damp=relative_damp
