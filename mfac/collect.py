@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mfac.numerics import allocate, check_positive_int, format_bytes
+from mfac.numerics import allocate, check_not_meta, check_positive_int, format_bytes
 from mfac.params import ParamSpace
 
 logger = logging.getLogger(__name__)
@@ -146,6 +146,13 @@ def _check_loss(loss: Any, row: int) -> torch.Tensor:
         raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
     if not bool(torch.isfinite(loss.detach()).all()):
         raise ValueError(f"loss of gradient row {row} is {loss.item()}, must be finite")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"the loss of gradient row {row} does not require grad: loss_fn returned a detached loss "
+            "(.detach(), .item() turned back into a tensor, or computed under torch.no_grad() / "
+            "inference_mode), or one that uses none of the parameters; return the loss autograd can "
+            "differentiate"
+        )
     return loss.reshape(())
 
 
@@ -311,9 +318,10 @@ def _per_sample_grad_fn(
     def sample_loss(values: tuple[torch.Tensor, ...], sample: Any) -> torch.Tensor:
         swapped = dict(zip(keys, values, strict=True))
         loss = functional_call(wrapper, swapped, (_as_batch_of_one(sample),))
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"loss_fn must return a scalar loss, got {shape}")
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss_fn must return a scalar torch.Tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
         return loss.reshape(())
 
     # randomness="different": each sample draws its own random numbers (dropout), like a loop would
@@ -388,6 +396,8 @@ def collect_grads(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
     space = _resolve_space(model, params)
+    for name, p in space.named_params():
+        check_not_meta(p, f"parameter {name!r}")
     if masked and not space.has_masks:
         raise ValueError("masked=True needs params to be a ParamSpace with masks, got none")
     width = space.kept_dim if masked else space.dim
@@ -503,9 +513,10 @@ def evaluate_loss(
     with _preserved_state(model, train), torch.no_grad():
         for batch in data:
             loss = loss_fn(model, batch)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise ValueError(f"loss_fn must return a scalar loss tensor, got {got}")
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(f"loss_fn must return a scalar torch.Tensor, got {type(loss).__name__}")
+            if loss.numel() != 1:
+                raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
             total += float(loss.detach().to(torch.float64))
             count += 1
             if max_batches is not None and count >= max_batches:

@@ -955,7 +955,11 @@ def _check_layout(what: str, table: torch.Tensor) -> None:
 
 
 def _check_sliding_state(state: Mapping[str, Any], op: SlidingInverseFisher) -> None:
-    """Make the checks ``SlidingInverseFisher.load_state_dict`` makes, without changing anything."""
+    """Make the checks ``SlidingInverseFisher.load_state_dict`` makes, without changing anything.
+
+    Local only (no collective): every rank reports its error to the others through ``_agree`` first.
+    """
+    op._check_state_local(state)  # keys, counters, finiteness, shapes (ValueError)
     mine_settings = (
         ("dim", op.dim),
         ("ngrads", op.ngrads),

@@ -10,6 +10,32 @@ Precision policy
   whatever the compute dtype: it costs O(m^2)..O(m^3), nothing next to the O(md) passes.
 * Products ``G @ x`` that feed the ``m x m`` system are accumulated in float64 chunk by chunk (float32
   partial sums over ``chunk`` columns, summed in float64), in the same single pass over ``G``.
+* Half precision (float16 / bfloat16) gradients are computed on in float32 by the static operator
+  (its vectors stay in the gradients' dtype); ``damp`` must be such that ``1 / damp`` is finite in the
+  vectors' dtype (``F^{-1} x`` is about ``x / damp`` off the gradients' span).
+
+Error rules (every public entry point of mfac follows them)
+------------------------------------------------------------
+* ``TypeError``: an argument of the wrong *type*: not a tensor where one is needed (gradients, a loss, a
+  mask), a bool where a number is needed (``damp=True``, ``sparsity=True``), a float where an int is
+  needed, a tensor of the wrong *dtype* (an integer gradient matrix, a float mask: masks are
+  ``torch.bool``, a window ``dtype`` that is not supported), an unknown keyword argument.
+* ``ValueError``: a value of the right type that breaks a rule: out of range (``damp <= 0``, a
+  sparsity above 1), not finite, a wrong shape, a name that is not a parameter, a state dict that is
+  malformed, corrupt or from another configuration (missing keys and entries of the wrong type included:
+  the state dict is the value; only a state dict that is not a dict is a ``TypeError``), tensors on the wrong
+  *device* (a device mismatch is a placement value, like a shape: always ``ValueError``), meta tensors
+  (they hold no numbers).
+* ``IndexError``: an index out of range (``submatrix``). ``MemoryError``: an allocation that does not
+  fit, with the size asked for (:func:`allocate`). :class:`NotPositiveDefiniteError`: a breakdown that
+  a jitter could not repair.
+* Errors are raised before anything is changed: an operator, an optimizer, a model or a mask handle
+  that raised is left as it was.
+* Lost accuracy that can be detected is a :class:`NumericalWarning` (filterable), never silent.
+
+The shared checks live here (``check_damp``, ``check_positive_int``, ``check_fraction``,
+``check_finite``, ``check_same_placement``, ``check_not_meta``, ``check_bool_mask``) so that every
+entry point words and types its errors the same way.
 """
 
 from __future__ import annotations
@@ -28,8 +54,12 @@ __all__ = [
     "NotPositiveDefiniteError",
     "NumericalWarning",
     "accumulated_matmul",
+    "allocate",
+    "check_bool_mask",
     "check_damp",
     "check_finite",
+    "check_fraction",
+    "check_not_meta",
     "check_positive_int",
     "check_same_placement",
     "format_bytes",
@@ -55,19 +85,72 @@ class NotPositiveDefiniteError(RuntimeError):
     """A matrix that must be symmetric positive definite was not, and could not be recovered."""
 
 
-def check_damp(damp: float) -> float:
-    """Return ``damp`` as a float after checking that it is finite and > 0."""
+def check_damp(damp: float, dtype: torch.dtype | None = None, *, name: str = "damp") -> float:
+    """Return ``damp`` as a float after checking that it is a finite real number > 0.
+
+    With ``dtype``, ``1 / damp`` must also be finite in ``dtype``: ``F^{-1} x`` is ``x / damp`` off
+    the gradients' span, so a smaller damp (``1e-39`` in float32) would return inf silently.
+    Bools are refused (``damp=True`` is a bug, not 1.0): ``TypeError``.
+    """
     if isinstance(damp, torch.Tensor):
         if damp.numel() != 1:
-            raise ValueError(f"damp must be a scalar, got a tensor of shape {tuple(damp.shape)}")
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(damp.shape)}")
+        if damp.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a torch.bool tensor")
+        check_not_meta(damp, name)
         damp = damp.item()
+    if isinstance(damp, bool):
+        raise TypeError(f"{name} must be a real number, got the bool {damp!r}")
     try:
         value = float(damp)
     except (TypeError, ValueError):
-        raise TypeError(f"damp must be a real number, got {damp!r}") from None
+        raise TypeError(f"{name} must be a real number, got {type(damp).__name__} {damp!r}") from None
     if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"damp must be finite and > 0, got {damp}")
+        raise ValueError(f"{name} must be finite and > 0, got {damp}")
+    if dtype is not None and dtype.is_floating_point:
+        big = torch.finfo(dtype).max
+        if 1.0 / value > big:
+            raise ValueError(
+                f"{name}={value:g} is too small for {dtype}: 1/{name} = {1.0 / value:.3g} overflows its "
+                f"largest value {big:.3g} (F^-1 x would be inf); use {name} >= {1.0 / big:.3g} or a "
+                "wider dtype"
+            )
     return value
+
+
+def check_fraction(value: float, name: str, *, upper_open: bool = False) -> float:
+    """Return ``value`` as a float after checking that it is a real number in ``[0, 1]`` (``[0, 1)``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "the bool" if isinstance(value, bool) else type(value).__name__
+        raise TypeError(f"{name} must be a float in [0, 1{')' if upper_open else ']'}, got {kind} {value!r}")
+    out = float(value)
+    if not (0.0 <= out < 1.0 if upper_open else 0.0 <= out <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1{')' if upper_open else ']'}, got {value}")
+    return out
+
+
+def check_not_meta(tensor: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``tensor`` is on the meta device (it has a shape but no values)."""
+    if tensor.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device: it has a shape but no values to compute with; "
+            "materialize it first (e.g. model.to_empty(device=...) and load weights)"
+        )
+
+
+def check_bool_mask(
+    mask: object, name: str, shape: torch.Size | tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Check a mask: a ``torch.bool`` tensor (``TypeError`` otherwise) of ``shape`` (``ValueError``)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.bool tensor (True = kept), got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"{name} must have dtype torch.bool (True = kept), got {mask.dtype}; convert with .bool()"
+        )
+    if shape is not None and tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the parameter's shape {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask
 
 
 def check_positive_int(value: int, name: str) -> int:
@@ -90,7 +173,7 @@ def check_finite(tensor: torch.Tensor, name: str) -> None:
 def check_same_placement(
     tensor: torch.Tensor, name: str, dtype: torch.dtype, device: torch.device
 ) -> None:
-    """Raise ``TypeError``/``ValueError`` if ``tensor`` is not of ``dtype`` on ``device``."""
+    """Raise ``TypeError`` if ``tensor`` is not of ``dtype``, ``ValueError`` if it is not on ``device``."""
     if tensor.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype} (the operator's), got {tensor.dtype}")
     if tensor.device != device:

@@ -193,6 +193,8 @@ def default_prunable(model: nn.Module) -> list[str]:
         >>> default_prunable(model)
         ['1.weight']
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     embedding_ids, embedding_storages = _embedding_tensors(model)
     types = prunable_types()
     wanted: set[int] = set()

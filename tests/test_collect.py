@@ -385,7 +385,11 @@ def test_logs_memory_up_front(caplog):
 def test_progress_bar(capsys):
     G = collect_grads(make_model(), ce_loss, make_data(2), 2, progress=True)
     assert G.shape == (2, 43)
-    assert capsys.readouterr().out == ""  # tqdm writes to stderr, nothing is printed
+    shown = capsys.readouterr()
+    assert shown.out == ""  # tqdm writes to stderr, nothing is printed
+    assert "gradients" in shown.err and "2/2" in shown.err  # the bar was drawn and completed
+    collect_grads(make_model(), ce_loss, make_data(2), 2, progress=False)
+    assert capsys.readouterr().err == ""  # and not drawn when not asked for
 
 
 # ------------------------------------------------------------------------------- evaluate_loss

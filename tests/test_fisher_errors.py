@@ -25,7 +25,7 @@ CONSTRUCTION = [
     (lambda: mfac.StaticInverseFisher(G, -1.0), ValueError, r"damp must be finite and > 0, got -1.0"),
     (lambda: mfac.StaticInverseFisher(G, math.inf), ValueError, r"damp must be finite and > 0, got inf"),
     (lambda: mfac.StaticInverseFisher(G, math.nan), ValueError, r"damp must be finite and > 0, got nan"),
-    (lambda: mfac.StaticInverseFisher(G, "a"), TypeError, r"damp must be a real number, got 'a'"),
+    (lambda: mfac.StaticInverseFisher(G, "a"), TypeError, r"damp must be a real number, got str 'a'"),
     (lambda: mfac.StaticInverseFisher(G[0], 1.0), ValueError, r"grads must have shape \(m, d\), got \(6,\)"),
     (lambda: mfac.StaticInverseFisher(G.long(), 1.0), TypeError, r"grads must be a floating tensor"),
     (lambda: mfac.StaticInverseFisher(G.numpy(), 1.0), TypeError, r"grads must be a torch.Tensor"),

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from references import dense_inverse, rel_err
+from references import block_diagonal_inverse, dense_inverse, rel_err
 
 import mfac
 
@@ -137,13 +137,28 @@ def test_repeated_float32_gradients_recover_with_warning():
     assert op.jitter > 0
 
 
-def test_static_block_routes_agree_with_each_other():
+@pytest.mark.parametrize("block", [8, 13])
+def test_static_block_routes_agree_with_each_other(block, monkeypatch):
+    """The same block-diagonal operator through both routes (the choice forced): same numbers."""
     torch.manual_seed(6)
     grads = torch.randn(10, 37, dtype=torch.float64)
-    direct = mfac.StaticInverseFisher(grads, 1e-2, block_size=8)  # B <= m: direct inverse
-    woodbury = mfac.StaticInverseFisher(grads, 1e-2, block_size=13)  # B > m: Woodbury
-    assert direct.route == "direct" and woodbury.route == "woodbury"
-    assert direct.num_blocks == 5 and woodbury.num_blocks == 3  # last blocks shorter
+    natural = mfac.StaticInverseFisher(grads, 1e-2, block_size=block)
+    assert natural.route == ("direct" if block <= 10 else "woodbury")  # B <= m: direct inverse
+    assert natural.num_blocks == -(-37 // block)  # the last block is shorter
+    forced_route = not (block <= 10)
+    monkeypatch.setattr(mfac.StaticInverseFisher, "_use_direct_route", lambda self, b, m: forced_route)
+    forced = mfac.StaticInverseFisher(grads, 1e-2, block_size=block)
+    assert {natural.route, forced.route} == {"direct", "woodbury"}
+    x = torch.randn(3, 37, dtype=torch.float64)
+    idx = torch.tensor([0, 7, 8, 12, 13, 36, 7])
+    reference = block_diagonal_inverse(grads, 1e-2, block)
+    for op in (natural, forced):
+        assert rel_err(op.mul(x), x @ reference) <= 1e-12
+        assert rel_err(op.diag(), reference.diagonal()) <= 1e-12
+        assert rel_err(op.submatrix(idx), reference[idx][:, idx]) <= 1e-12
+    torch.testing.assert_close(natural.mul(x), forced.mul(x), rtol=1e-12, atol=0)
+    torch.testing.assert_close(natural.diag(), forced.diag(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(natural.submatrix(idx), forced.submatrix(idx), rtol=1e-12, atol=1e-15)
 
 
 def test_overwrite_reuses_input_memory():

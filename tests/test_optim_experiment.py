@@ -45,6 +45,8 @@ def test_help():
     assert exit_info.value.code == 0
 
 
+# 40 fake images recycled: nearly repeated gradients, for which update_mul rightly warns
+@pytest.mark.filterwarnings("ignore:update_mul:mfac.NumericalWarning")
 def test_torchvision_path_and_resnet20(tmp_path, fake_torchvision):
     """The user path with internet: a torchvision dataset by name and ResNet-20, here on a local fake."""
     from experiments import optimizer_comparison

@@ -18,7 +18,7 @@ import abc
 import numpy as np
 import torch
 
-from mfac.numerics import check_same_placement
+from mfac.numerics import check_finite, check_not_meta, check_same_placement
 
 __all__ = ["InverseFisher", "check_grads"]
 
@@ -30,10 +30,22 @@ class InverseFisher(abc.ABC):
     index tensor), and the properties ``ngrads``.
     """
 
-    def __init__(self, dim: int, damp: float, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        dim: int,
+        damp: float,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        io_dtype: torch.dtype | None = None,
+    ) -> None:
         self._dim = int(dim)
         self._damp = float(damp)
+        #: the compute dtype (of the stored factors and of every private hook's vectors).
         self._dtype = dtype
+        #: the dtype of the vectors the public methods take and return (``dtype`` unless the operator
+        #: computes in a wider one, e.g. float32 for half-precision gradients).
+        self._io_dtype = io_dtype or dtype
         self._device = torch.device(device)
 
     # ------------------------------------------------------------------ properties
@@ -50,6 +62,11 @@ class InverseFisher(abc.ABC):
     @property
     def dtype(self) -> torch.dtype:
         """Dtype of the vectors the operator takes and returns (the gradients' dtype)."""
+        return self._io_dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype the operator stores its factors in and computes with (``dtype``, or float32 for half)."""
         return self._dtype
 
     @property
@@ -79,18 +96,22 @@ class InverseFisher(abc.ABC):
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        check_same_placement(x, "x", self._dtype, self._device)
+        check_same_placement(x, "x", self._io_dtype, self._device)
         if x.dim() not in (1, 2) or x.shape[-1] != self._dim:
             raise ValueError(
                 f"x must have shape ({self._dim},) or (k, {self._dim}), got {tuple(x.shape)}"
             )
         rows = x.unsqueeze(0) if x.dim() == 1 else x
-        out = self._mul(rows)
+        out = self._to_io(self._mul(rows.to(self._dtype)))
         return out.squeeze(0) if x.dim() == 1 else out
 
     def diag(self) -> torch.Tensor:
         """Return ``diag(F^{-1})``, shape ``(d,)``."""
-        return self._diag()
+        return self._to_io(self._diag())
+
+    def _to_io(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (compute dtype) in the public dtype: itself when they agree."""
+        return out if out.dtype == self._io_dtype else out.to(self._io_dtype)
 
     def submatrix(self, idx: torch.Tensor) -> torch.Tensor:
         """Return the dense block ``F^{-1}[idx][:, idx]``, shape ``(s, s)`` for ``s = len(idx)``.
@@ -101,12 +122,12 @@ class InverseFisher(abc.ABC):
         Cost: ``O(s^2 m)`` (it is what joint OBS removal of ``s`` weights needs).
         """
         idx = self._check_index(idx)
-        return self._submatrix(idx)
+        return self._to_io(self._submatrix(idx))
 
     def to_dense(self) -> torch.Tensor:
         """Return ``F^{-1}`` as an explicit ``(d, d)`` matrix (tests, notebooks, tiny ``d`` only)."""
         eye = torch.eye(self._dim, dtype=self._dtype, device=self._device)
-        return self._mul(eye)
+        return self._to_io(self._mul(eye))
 
     def to_scipy(self):
         """Return a ``scipy.sparse.linalg.LinearOperator`` view (float64 numpy in and out).
@@ -130,7 +151,7 @@ class InverseFisher(abc.ABC):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(dim={self._dim}, ngrads={self.ngrads}, damp={self._damp:g}, "
-            f"dtype={self._dtype}, device={self._device})"
+            f"dtype={self._io_dtype}, device={self._device})"
         )
 
     # ------------------------------------------------------------------ helpers
@@ -180,8 +201,7 @@ def check_grads(grads: torch.Tensor, name: str = "grads", *, finite: bool = True
         raise TypeError(f"{name} must be a floating tensor, got dtype {grads.dtype}")
     if grads.shape[1] < 1:
         raise ValueError(f"{name} must have d >= 1 columns, got shape {tuple(grads.shape)}")
+    check_not_meta(grads, name)
     if finite:
-        from mfac.numerics import check_finite
-
         check_finite(grads, name)
     return grads

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mfac.fisher.base import InverseFisher, check_grads
-from mfac.numerics import SMALL_DTYPE, check_damp
+from mfac.numerics import SMALL_DTYPE, allocate, check_damp, safe_cholesky
 
 __all__ = ["DenseInverseFisher"]
 
@@ -15,7 +15,12 @@ class DenseInverseFisher(InverseFisher):
 
     Args:
         grads: shape ``(m, d)``, one gradient per row (``m = 0`` gives ``F = damp I``).
-        damp: ``lambda > 0``.
+        damp: ``lambda > 0`` (``1 / damp`` finite in the gradients' dtype).
+
+    The ``d x d`` Cholesky goes through :func:`~mfac.numerics.safe_cholesky`: when ``damp`` is too
+    small for float64 to see it next to ``G^T G / m`` a jitter is added with a
+    :class:`~mfac.numerics.NumericalWarning` (recorded in :attr:`jitter`), or
+    :class:`~mfac.numerics.NotPositiveDefiniteError` is raised.
 
     Memory: ``d * d`` entries of the gradients' dtype (plus a float64 ``d x d`` work matrix).
     Cost: ``O(m d^2 + d^3)`` to build, ``O(d^2)`` per product. The reference the matrix-free operators
@@ -24,16 +29,20 @@ class DenseInverseFisher(InverseFisher):
 
     def __init__(self, grads: torch.Tensor, damp: float) -> None:
         grads = check_grads(grads)
-        damp = check_damp(damp)
+        damp = check_damp(damp, grads.dtype)
         m, d = grads.shape
         super().__init__(d, damp, grads.dtype, grads.device)
         g64 = grads.to(SMALL_DTYPE)
-        fisher = damp * torch.eye(d, dtype=SMALL_DTYPE, device=grads.device)
+        fisher = allocate((d, d), SMALL_DTYPE, grads.device, "dense d x d Fisher")
+        fisher.diagonal().fill_(damp)
         if m:
-            fisher = fisher + (g64.T @ g64) / m
+            fisher.addmm_(g64.T, g64, alpha=1.0 / m)
         self._ngrads = m
+        factor, self.jitter = safe_cholesky(
+            fisher, what="dense Fisher damp*I + G^T G / m", entry_dtype=SMALL_DTYPE
+        )
         #: the explicit ``F^{-1}``, shape ``(d, d)``, in the gradients' dtype.
-        self.matrix = torch.cholesky_inverse(torch.linalg.cholesky(fisher)).to(grads.dtype)
+        self.matrix = torch.cholesky_inverse(factor).to(grads.dtype)
 
     @property
     def ngrads(self) -> int:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -36,10 +38,12 @@ from mfac.fisher.base import InverseFisher
 from mfac.numerics import (
     DEFAULT_CHUNK,
     SMALL_DTYPE,
+    NumericalWarning,
     accumulated_matmul,
     allocate,
     check_damp,
     check_finite,
+    check_not_meta,
     check_positive_int,
     check_same_placement,
     safe_cholesky,
@@ -54,8 +58,12 @@ logger = logging.getLogger(__name__)
 _CANCELLATION_LIMIT = 1e3
 
 _AVERAGE_OVER = ("seen", "ngrads")
+#: the keys of ``state_dict()`` (``jitter`` optional when loading: older states have none).
+_STATE_KEYS = ("dim", "ngrads", "damp", "average_over", "num_seen", "since_refactor", "grads", "gram", "inv")
 #: relative residual of ``M c = e_r`` above which the rank-one-updated inverse is refactored.
 _RESIDUAL_TOL = 1e-10
+#: ``eps * cancellation ratio`` above which ``update_mul`` warns that its accuracy is lost.
+_ACCURACY_WARN = 1e-4
 
 
 class SlidingInverseFisher(InverseFisher):
@@ -91,19 +99,26 @@ class SlidingInverseFisher(InverseFisher):
     ) -> None:
         check_positive_int(dim, "dim")
         check_positive_int(ngrads, "ngrads")
-        damp = check_damp(damp)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        damp = check_damp(damp, dtype)
         if average_over not in _AVERAGE_OVER:
             raise ValueError(f"average_over must be one of {_AVERAGE_OVER}, got {average_over!r}")
+        if device is not None and not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device must be a torch.device, a str or None, got {type(device).__name__}")
         device = torch.device(device) if device is not None else torch.empty(0).device
+        if device.type == "meta":
+            raise ValueError(
+                "device='meta' holds no values: a sliding window must live where the gradients are "
+                "computed (cpu, cuda, ...)"
+            )
+        self._chunk = check_positive_int(chunk, "chunk")
         super().__init__(dim, damp, dtype, device)
         self._m = ngrads
         self._average_over = average_over
-        self._chunk = check_positive_int(chunk, "chunk")
         self._grads = allocate((ngrads, dim), dtype, device, "gradient window")  # shape: (m, d)
-        self._gram = torch.zeros(ngrads, ngrads, dtype=SMALL_DTYPE, device=device)  # G G^T
-        self._inv = torch.zeros(ngrads, ngrads, dtype=SMALL_DTYPE, device=device)  # P = M^{-1}
+        self._gram = allocate((ngrads, ngrads), SMALL_DTYPE, device, "m x m Gram matrix")  # G G^T
+        self._inv = allocate((ngrads, ngrads), SMALL_DTYPE, device, "m x m inverse")  # P = M^{-1}
         self._num_seen = 0
         self._since_refactor = 0
         self._jitter = 0.0
@@ -201,13 +216,37 @@ class SlidingInverseFisher(InverseFisher):
         if self._dtype == SMALL_DTYPE or n == 0:
             return out
         bound = coeff.abs() @ self._gram.diagonal()[:n].sqrt()
-        if bool(bound <= _CANCELLATION_LIMIT * torch.linalg.vector_norm(out, dtype=SMALL_DTYPE)):
+        norm = torch.linalg.vector_norm(out, dtype=SMALL_DTYPE)
+        if bool(bound <= _CANCELLATION_LIMIT * norm):
             return out
         logger.debug("update_mul: float32 combination cancels (bound %.3g); redone in float64", bound)
         for start in range(0, self._dim, self._chunk):
             sl = slice(start, start + self._chunk)
             out[sl] = coeff @ window[:, sl].to(SMALL_DTYPE)
+        self._warn_cancellation(float(bound) / max(float(norm), 1e-300))
         return out
+
+    def _warn_cancellation(self, ratio: float) -> None:
+        """Warn that ``G^T c`` cancels by ``ratio``: the Gram products' rounding is amplified as much.
+
+        The coefficients ``c`` come from Gram products rounded in the window's dtype (about
+        ``eps * |g_i| |g_j|`` each), and a combination that cancels by ``ratio`` amplifies that error at
+        least ``ratio`` times: the float64 redo removes the error of the combination, not this one.
+        Measured (float32, m = 8, d = 2e3..2e4, damp 1e-2..1e-8): relative errors 1e-2 to 1 for
+        identical or nearly identical gradients (ratio 2e3..1e12), against about 3e-7 for ordinary
+        windows (ratio < 10), which never get here.
+        """
+        floor = torch.finfo(self._dtype).eps * ratio
+        if floor <= _ACCURACY_WARN:
+            return
+        warnings.warn(
+            f"update_mul: the window's gradients are (nearly) collinear for damp={self._damp:g}: "
+            f"F^-1 g is a combination of window rows that cancels by {ratio:.1e}, which amplifies the "
+            f"rounding of the {self._dtype} Gram products to a relative error of at least {floor:.0e} "
+            "(measured up to O(1)). Use a float64 window or a larger damp.",
+            NumericalWarning,
+            stacklevel=3,
+        )
 
     def _check_finite_grad(self, grad: torch.Tensor) -> None:
         """Raise ``ValueError`` if ``grad`` holds NaN/inf (or its squared norm overflows its dtype).
@@ -335,10 +374,12 @@ class SlidingInverseFisher(InverseFisher):
         if n == 0:
             return out
         factor, _ = safe_cholesky(self._system(self._jitter), what="m x m system", entry_dtype=self._dtype)
-        factor = factor.to(self._dtype)
+        # no half-precision triangular solve on CPU: half windows solve in float32, slab by slab
+        work = torch.float32 if self._dtype in (torch.float16, torch.bfloat16) else self._dtype
+        factor = factor.to(work)
         for start in range(0, self._dim, self._chunk):
             sl = slice(start, start + self._chunk)
-            q = torch.linalg.solve_triangular(factor, self._grads[:n, sl], upper=False)
+            q = torch.linalg.solve_triangular(factor, self._grads[:n, sl].to(work), upper=False)
             out[sl] -= q.square().sum(0) / self._damp
         return out
 
@@ -371,21 +412,107 @@ class SlidingInverseFisher(InverseFisher):
         """Restore :meth:`state_dict` output, copying into this operator's dtype and device.
 
         The settings (``dim``, ``ngrads``, ``damp``, ``average_over``) must match this operator's.
+        Everything is checked before anything is copied (:meth:`check_state_dict`); on an error
+        (``ValueError`` for any bad entry, ``TypeError`` if ``state`` is not a dict) the operator is
+        left as it was.
         """
-        for key, mine in (("dim", self._dim), ("ngrads", self._m), ("damp", self._damp),
-                          ("average_over", self._average_over)):
-            if key not in state:
-                raise KeyError(f"state_dict is missing {key!r}")
-            if state[key] != mine:
-                raise ValueError(f"state_dict has {key}={state[key]!r}, this operator {key}={mine!r}")
-        for key, mine in (("grads", self._grads), ("gram", self._gram), ("inv", self._inv)):
-            if tuple(state[key].shape) != tuple(mine.shape):
-                raise ValueError(
-                    f"state_dict[{key!r}] has shape {tuple(state[key].shape)}, expected {tuple(mine.shape)}"
-                )
+        self.check_state_dict(state)
         self._grads.copy_(state["grads"])
         self._gram.copy_(state["gram"])
         self._inv.copy_(state["inv"])
         self._num_seen = int(state["num_seen"])
         self._since_refactor = int(state["since_refactor"])
         self._jitter = float(state.get("jitter", 0.0))
+
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Raise if ``state`` cannot be loaded into this operator; change nothing.
+
+        Checks, in this order: it is a mapping with every key of :meth:`state_dict` (``jitter`` may be
+        missing: 0); the settings equal this operator's; the counters are ints in range
+        (``num_seen >= 0``, ``0 <= since_refactor <= ngrads``) and the jitter a finite float
+        ``>= 0``; the three tensors are floating tensors of shapes ``(m, d)``, ``(m, m)``, ``(m, m)``;
+        the Gram matrix and its inverse are finite, the Gram matrix symmetric with zero rows and
+        columns beyond the ``n = min(num_seen, m)`` stored gradients; and the Gram diagonal equals the
+        squared row norms of the window (relative tolerance ``1e-2``; this also finds a NaN or inf in
+        the window, and a window saved from another run). Cost: one pass over the window (``O(md)``)
+        plus ``O(m^2)``; no copy of the window.
+        """
+        sq = self._check_state_local(state)
+        self._reduce(sq)  # sharded windows: the full rows' norms (a collective: every rank gets here)
+        self._check_gram_diagonal(state, sq)
+
+    def _check_state_local(self, state: Mapping[str, Any]) -> torch.Tensor:
+        """Run every check of :meth:`check_state_dict` that needs no communication.
+
+        Returns the window's squared row norms ``(n,)`` (float64) over this process's columns.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(
+                f"state_dict is missing {missing} (expected the keys of SlidingInverseFisher.state_dict(): "
+                f"{list(_STATE_KEYS)}; got {sorted(map(str, state))})"
+            )
+        for key, mine in (("dim", self._dim), ("ngrads", self._m), ("damp", self._damp),
+                          ("average_over", self._average_over)):
+            if state[key] != mine:
+                raise ValueError(f"state_dict has {key}={state[key]!r}, this operator {key}={mine!r}")
+        m = self._m
+        for key in ("num_seen", "since_refactor"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"state_dict[{key!r}] must be an int, got {type(value).__name__} {value!r}")
+        num_seen, since = state["num_seen"], state["since_refactor"]
+        if num_seen < 0:
+            raise ValueError(f"state_dict['num_seen'] must be >= 0, got {num_seen}")
+        if not 0 <= since <= m:
+            raise ValueError(f"state_dict['since_refactor'] must lie in [0, ngrads={m}], got {since}")
+        jitter = state.get("jitter", 0.0)
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not (
+            math.isfinite(jitter) and jitter >= 0.0
+        ):
+            raise ValueError(f"state_dict['jitter'] must be a finite float >= 0, got {jitter!r}")
+        for key, mine in (("grads", self._grads), ("gram", self._gram), ("inv", self._inv)):
+            value = state[key]
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"state_dict[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+            if not value.is_floating_point():
+                raise ValueError(f"state_dict[{key!r}] must be a floating tensor, got dtype {value.dtype}")
+            check_not_meta(value, f"state_dict[{key!r}]")
+            if tuple(value.shape) != tuple(mine.shape):
+                raise ValueError(
+                    f"state_dict[{key!r}] has shape {tuple(value.shape)}, expected {tuple(mine.shape)}"
+                )
+        n = min(num_seen, m)
+        gram = state["gram"].to(device=self._device, dtype=SMALL_DTYPE)
+        inv = state["inv"].to(device=self._device, dtype=SMALL_DTYPE)
+        for key, value in (("gram", gram), ("inv", inv)):
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"state_dict[{key!r}] must be finite, it holds NaN or inf")
+        if n < m and bool((gram[n:] != 0).any() | (gram[:, n:] != 0).any()):
+            raise ValueError(
+                f"state_dict['gram'] has nonzero entries beyond the {n} stored gradients (num_seen="
+                f"{num_seen}): the counters and the Gram matrix do not belong together"
+            )
+        top = gram[:n, :n]
+        if not torch.allclose(top, top.T, rtol=1e-12, atol=0.0):
+            raise ValueError("state_dict['gram'] must be symmetric (it is G G^T)")
+        window = state["grads"][:n].to(device=self._device)
+        return torch.linalg.vector_norm(window, dim=1, dtype=SMALL_DTYPE).square_()  # (n,)
+
+    def _check_gram_diagonal(self, state: Mapping[str, Any], sq: torch.Tensor) -> None:
+        """Check the Gram diagonal against the window's squared row norms ``sq`` (relative ``1e-2``)."""
+        n = sq.shape[0]
+        diag = state["gram"].to(device=self._device, dtype=SMALL_DTYPE).diagonal()[:n]
+        if not bool(torch.isfinite(sq).all()):
+            raise ValueError("state_dict['grads'] must be finite: the window holds NaN or inf (or overflows)")
+        bad = (sq - diag).abs() > 1e-2 * torch.maximum(sq, diag) + torch.finfo(torch.float32).tiny
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            raise ValueError(
+                f"state_dict['gram'] does not match state_dict['grads']: Gram diagonal "
+                f"{float(diag[row]):.6g} but |window row {row}|^2 = {float(sq[row]):.6g} (and "
+                f"{int(bad.sum()) - 1} more rows); the window and the Gram matrix come from different "
+                "states, or one of them is corrupt"
+            )

@@ -47,6 +47,9 @@ from mfac.numerics import (
 
 __all__ = ["StaticInverseFisher"]
 
+#: gradient dtypes the operator computes on in float32 (its vectors stay in the gradients' dtype).
+_HALF = (torch.float16, torch.bfloat16)
+
 
 
 class StaticInverseFisher(InverseFisher):
@@ -54,8 +57,11 @@ class StaticInverseFisher(InverseFisher):
 
     Args:
         grads: ``G``, shape ``(m, d)``, one gradient per row; finite. Its dtype and device are the
-            operator's. ``m = 0`` gives ``F^{-1} = I / damp``.
-        damp: ``lambda > 0``.
+            operator's (the vectors ``mul`` takes and returns). float16 / bfloat16 gradients are
+            copied to float32 and everything is computed and stored in float32
+            (:attr:`compute_dtype`); results are rounded to the gradients' dtype. ``m = 0`` gives
+            ``F^{-1} = I / damp``.
+        damp: ``lambda > 0``, with ``1 / damp`` finite in the gradients' dtype (``ValueError``).
         block_size: ``B``; ``None`` (default) means one block of size ``d`` (the full operator). The
             last block has ``d - (nb - 1) B`` coordinates.
         overwrite: allow the build to reuse ``grads``' memory for the factor ``Q`` (then ``grads`` is
@@ -94,17 +100,25 @@ class StaticInverseFisher(InverseFisher):
         chunk: int = DEFAULT_CHUNK,
     ) -> None:
         grads = check_grads(grads, finite=False)  # checked for free on the Gram diagonal
-        damp = check_damp(damp)
+        io_dtype = grads.dtype
+        damp = check_damp(damp, io_dtype)
         m, d = grads.shape
         if block_size is not None:
             check_positive_int(block_size, "block_size")
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite must be a bool, got {type(overwrite).__name__} {overwrite!r}")
+        self._chunk = check_positive_int(chunk, "chunk")
+        if io_dtype in _HALF:
+            # no half-precision triangular solves / Cholesky on CPU, and float16 squares overflow at
+            # 256: build and store in float32 (a float32 copy of G: m * d * 4 bytes), vectors stay half.
+            grads = grads.to(torch.float32)
+            overwrite = True  # the copy is ours
         block = d if block_size is None else min(block_size, d)
-        super().__init__(d, damp, grads.dtype, grads.device)
+        super().__init__(d, damp, grads.dtype, grads.device, io_dtype=io_dtype)
         self._ngrads = m
         self._block = block
         self._nblocks = math.ceil(d / block)
         self._pad = self._nblocks * block - d
-        self._chunk = check_positive_int(chunk, "chunk")
         #: diagonal jitter the m x m Cholesky needed (0.0 normally; see ``safe_cholesky``).
         self.jitter = 0.0
         if m == 0:

@@ -42,7 +42,14 @@ import torch
 from torch.optim import Optimizer
 
 from mfac.fisher.sliding import SlidingInverseFisher
-from mfac.numerics import check_damp, check_positive_int
+from mfac.numerics import (
+    allocate,
+    check_bool_mask,
+    check_damp,
+    check_not_meta,
+    check_positive_int,
+)
+from mfac.optim._checkpoint import check_optimizer_state
 from mfac.optim._layout import Layout
 
 logger = logging.getLogger(__name__)
@@ -89,6 +96,14 @@ def _check_nonnegative(value: Any, name: str) -> float:
     return value
 
 
+def _finite(vec: torch.Tensor) -> bool:
+    """Whether ``vec`` is finite and ``|vec|^2`` does not overflow (what the window needs).
+
+    One dot product: it is NaN or inf exactly when an entry is, or when the squared norm overflows.
+    """
+    return math.isfinite(float(torch.dot(vec, vec)))
+
+
 class _MFACBase(Optimizer):
     """One sliding window over all parameters that have gradients; the shared ``step`` machinery.
 
@@ -114,12 +129,15 @@ class _MFACBase(Optimizer):
         if average_over not in _AVERAGE_OVER:
             raise ValueError(f"average_over must be one of {_AVERAGE_OVER}, got {average_over!r}")
         if dtype is not None and dtype not in _WINDOW_DTYPES:
-            raise ValueError(
+            raise TypeError(
                 f"dtype (of the gradient window) must be one of {_WINDOW_DTYPES} or None, "
                 f"got {dtype!r}"
             )
         self._window_dtype = dtype
         self._average_over = average_over
+        for key, flag in (("save_window", save_window), ("skip_nonfinite", skip_nonfinite)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{key} must be a bool, got {type(flag).__name__} {flag!r}")
         if distributed is not None and not all(
             hasattr(distributed, k) for k in ("local", "new_fisher", "update_mul", "all_finite")
         ):
@@ -200,6 +218,7 @@ class _MFACBase(Optimizer):
             for p in group["params"]:
                 if not p.is_floating_point():
                     raise TypeError(f"parameters must be real floating point, got dtype {p.dtype}")
+                check_not_meta(p, f"parameter of shape {tuple(p.shape)}")
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -225,26 +244,29 @@ class _MFACBase(Optimizer):
             )
         params = self._params()
         known = {id(p) for p in params}
+        checked = {}
         for param, mask in masks.items():
-            if not isinstance(param, torch.Tensor) or id(param) not in known:
-                raise ValueError("masks are keyed by parameters of this optimizer; got another key")
-            name = self._name(param)
-            if not isinstance(mask, torch.Tensor):
-                raise TypeError(f"mask of {name} must be a torch.Tensor, got {type(mask).__name__}")
-            if mask.shape != param.shape:
-                raise ValueError(
-                    f"mask of {name} must have the parameter's shape {tuple(param.shape)}, "
-                    f"got {tuple(mask.shape)}"
+            if isinstance(param, str):
+                raise TypeError(
+                    f"masks are keyed by the parameter tensors of this optimizer, got the name {param!r}; "
+                    "pass {model.get_parameter(name): mask} or MaskHandle.param_masks()"
                 )
+            if not isinstance(param, torch.Tensor):
+                raise TypeError(
+                    "masks are keyed by the parameter tensors of this optimizer, got a key of type "
+                    f"{type(param).__name__}"
+                )
+            if id(param) not in known:
+                raise ValueError(
+                    f"masks are keyed by parameters of this optimizer; a key of shape "
+                    f"{tuple(param.shape)} is not one of them (a copy, or another model's)"
+                )
+            name = self._name(param)
+            check_bool_mask(mask, f"mask of {name}", param.shape)
             if mask.device != param.device:
                 raise ValueError(f"mask of {name} must be on {param.device}, got {mask.device}")
-            if mask.dtype != torch.bool:
-                if not bool(((mask == 0) | (mask == 1)).all()):
-                    raise ValueError(
-                        f"mask of {name} must be boolean or hold only 0 and 1 (1 = kept), got "
-                        f"other values"
-                    )
-            kept = mask.detach().to(torch.bool, copy=True)
+            checked[param] = mask.detach().clone()
+        for param, kept in checked.items():  # nothing is set before every mask is checked
             self._masks[param] = kept
             self._pruned[param] = ~kept
 
@@ -320,7 +342,7 @@ class _MFACBase(Optimizer):
             new = Layout(active, self._masks, layout.dtype, layout.device)
             assert self._fisher is not None
             state = self._fisher.state_dict()
-            grads = torch.zeros(ngrads, new.dim, dtype=layout.dtype, device=layout.device)
+            grads = allocate((ngrads, new.dim), layout.dtype, layout.device, "grown gradient window")
             position = {id(s.param): s for s in new.slots}
             for slot in layout.slots:
                 target = position[id(slot.param)]
@@ -368,7 +390,7 @@ class _MFACBase(Optimizer):
         decays = [group_of[id(p)]["weight_decay"] for p in layout.params]
         layout.gather(grads, flat, decays)
         dist = self._distributed
-        if not (bool(torch.isfinite(flat).all()) if dist is None else dist.all_finite(flat)):
+        if not (_finite(flat) if dist is None else dist.all_finite(flat)):
             self._nonfinite(flat)
             return None
         # shape: (d,), as flat (FSDP: this rank's local coordinates; DDP: all, step all-gathered)
@@ -382,17 +404,19 @@ class _MFACBase(Optimizer):
 
     def _nonfinite(self, flat: torch.Tensor) -> None:
         assert self._layout is not None
-        bad = [
-            self._name(s.param)
-            for s in self._layout.slots
-            if not bool(torch.isfinite(flat[s.offset : s.offset + s.size]).all())
-        ] or ["the part of the parameters another rank holds"]
+        slots = self._layout.slots
+        parts = [flat[s.offset : s.offset + s.size] for s in slots]
+        bad = [self._name(s.param) for s, part in zip(slots, parts, strict=True) if not _finite(part)]
+        if not bad and self._distributed is None:
+            bad = ["all parameters together (each part is finite, the squared norm overflows)"]
+        bad = bad or ["the part of the parameters another rank holds"]
         if self.skip_nonfinite:
             self._num_skipped += 1
             logger.debug("M-FAC step skipped: non-finite gradient in %s", ", ".join(bad))
             return
         raise ValueError(
-            f"gradient (plus weight_decay * parameter) must be finite, got NaN or inf in "
+            f"gradient (plus weight_decay * parameter) must be finite, with a squared norm finite in "
+            f"{flat.dtype}; got NaN, inf or an overflowing norm in "
             f"{', '.join(bad)}; the window and the parameters were left untouched (pass "
             "skip_nonfinite=True to skip such steps instead)"
         )
@@ -460,6 +484,7 @@ class _MFACBase(Optimizer):
         been built with the same masks. A checkpoint saved with ``save_window=False`` restarts the
         window empty (everything else is restored). Everything is checked before anything changes.
         """
+        check_optimizer_state(self, state_dict, _STATE_KEY, _WINDOW_DTYPES)
         per_param: dict[Any, dict[str, Any]] = {}
         glob = None
         for key, value in state_dict["state"].items():
@@ -554,8 +579,9 @@ _COMMON_DOC = r"""
         damp: ``lambda > 0`` in ``F = damp I + (1/s) G^T G``. Global, like ``ngrads``.
         weight_decay: per group, added as ``weight_decay * w`` to the gradient *before*
             preconditioning (the paper's choice), so the window holds decayed gradients.
-        masks: optional ``{parameter: mask}`` of fixed sparsity masks, shaped like the parameter,
-            bool (or 0/1; True / 1 = kept). Masked-out coordinates take no room in the window
+        masks: optional ``{parameter tensor: mask}`` of fixed sparsity masks, shaped like the
+            parameter, ``torch.bool`` (True = kept; ``TypeError`` for other dtypes and for
+            name keys: use ``MaskHandle.param_masks()``). Masked-out coordinates take no room in the window
             (``d`` counts kept coordinates only) and get a zero direction. Explicit: never
             inferred from exact zeros in the weights. Fixed for the optimizer's life: to change
             masks, build a new optimizer.
@@ -570,7 +596,8 @@ _COMMON_DOC = r"""
             ``m x d`` window (and its ``m x m`` Gram matrix and inverse, useless without it) out;
             loading such a checkpoint restarts the window empty, everything else (step counters,
             momentum, masks, the window's coordinate set) is restored. Also an attribute.
-        skip_nonfinite: what a step with a NaN or inf gradient (plus weight decay) does. False
+        skip_nonfinite: what a step with a NaN or inf gradient (plus weight decay), or a finite
+            one whose squared norm overflows the window's dtype (|g| > 1.8e19 in float32), does. False
             (default): raise ``ValueError`` naming the parameters; the window, the parameters and
             the momentum are left untouched, so the caller may catch it and continue. True: skip the
             step silently (counted in :attr:`num_skipped`, logged at debug level), e.g. under a

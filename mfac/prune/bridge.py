@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from mfac.numerics import check_bool_mask
 from mfac.params import writable_parameter
 
 __all__ = [
@@ -72,12 +73,11 @@ def apply_torch_prune(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> No
     A module without one gets ``weight_orig`` (the current values) and ``weight_mask``; a module that has one
     gets the product of its mask and ours (``prune.custom_from_mask`` composes them).
     """
-    for name, mask in masks.items():
+    checked = []
+    for name, mask in masks.items():  # every mask is checked before any module is reparametrized
         module, leaf = resolve_module(model, name)
         target = writable_parameter(model, name)
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != target.shape:
-            raise ValueError(
-                f"mask of {name!r} must be a bool tensor of shape {tuple(target.shape)}, got "
-                f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}"
-            )
-        torch_prune.custom_from_mask(module, leaf, mask.to(target.device))
+        check_bool_mask(mask, f"mask of {name!r}", target.shape)
+        checked.append((module, leaf, mask.to(target.device)))
+    for module, leaf, mask in checked:
+        torch_prune.custom_from_mask(module, leaf, mask)

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from mfac.numerics import check_bool_mask, check_not_meta
 from mfac.params import writable_parameter
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class MaskHandle:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        optimizers = _check_optimizers(optimizers)  # before anything is zeroed or hooked
         self._model = model
         self._params: dict[str, torch.Tensor] = {}
         self._masks: dict[str, torch.Tensor] = {}
@@ -86,13 +88,8 @@ class MaskHandle:
         checked = {}
         for name, mask in masks.items():
             param = writable_parameter(self._model, name)
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                raise TypeError(f"mask of {name!r} must be a bool tensor (True = kept)")
-            if mask.shape != param.shape:
-                raise ValueError(
-                    f"mask of {name!r} must have the parameter's shape {tuple(param.shape)}, "
-                    f"got {tuple(mask.shape)}"
-                )
+            check_bool_mask(mask, f"mask of {name!r}", param.shape)
+            check_not_meta(mask, f"mask of {name!r}")
             checked[name] = (param, mask.detach().to(param.device).clone())
         for name in list(self._masks):
             if name not in checked:
@@ -209,3 +206,19 @@ def apply_masks(
     if isinstance(optimizers, torch.optim.Optimizer):
         optimizers = (optimizers,)
     return MaskHandle(model, masks, optimizers)
+
+
+def _check_optimizers(optimizers: object) -> list[torch.optim.Optimizer]:
+    """``optimizers`` as a list, each a ``torch.optim.Optimizer`` (``TypeError`` otherwise)."""
+    if isinstance(optimizers, torch.optim.Optimizer):
+        return [optimizers]
+    if isinstance(optimizers, (str, bytes)) or not isinstance(optimizers, Iterable):
+        raise TypeError(
+            "optimizers must be a torch.optim.Optimizer or an iterable of them, got "
+            f"{type(optimizers).__name__} {optimizers!r}"
+        )
+    out = list(optimizers)
+    for opt in out:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"optimizers must be torch.optim.Optimizer instances, got {type(opt).__name__}")
+    return out

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mfac.numerics import check_bool_mask, check_fraction, check_not_meta, check_positive_int
 from mfac.params import ParamSpace, default_prunable, prune_masks, writable_parameter
 from mfac.prune.bridge import is_torch_pruned, resolve_module
 from mfac.prune.curvature import (
@@ -75,6 +76,11 @@ __all__ = ["DEFAULT_UPDATE", "GradualPruner", "obs_scores", "prune_oneshot", "pr
 
 #: default weight update of :func:`prune_oneshot` (measured, see the module docstring).
 DEFAULT_UPDATE = "joint"
+#: the keyword arguments GradualPruner passes on to prune_oneshot.
+_ONESHOT_KEYWORDS = frozenset(
+    {"ngrads", "damp", "block_size", "recompute", "update", "params", "scope", "curvature", "collect",
+     "progress", "relative_damp"}
+)
 
 _SCOPES = ("global", "layer")
 Masks = dict[str, torch.Tensor]
@@ -99,7 +105,14 @@ def _resolve_names(model: nn.Module, params: Sequence[str] | None) -> list[str]:
         raise ValueError("params must name at least one parameter, got none")
     for n in names:
         writable_parameter(model, n)  # raises on unknown names
+    if len(set(names)) != len(names):
+        raise ValueError(f"params must name each parameter once, got {names}")
     return names
+
+
+def _check_materialized(model: nn.Module, names: list[str]) -> None:
+    for n in names:
+        check_not_meta(writable_parameter(model, n), f"parameter {n!r}")
 
 
 def _initial_keep(model: nn.Module, names: list[str], masks: Mapping[str, torch.Tensor] | None) -> Masks:
@@ -118,12 +131,7 @@ def _initial_keep(model: nn.Module, names: list[str], masks: Mapping[str, torch.
         if n in existing:
             k &= existing[n].to(p.device)
         if n in masks:
-            m = masks[n]
-            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != p.shape:
-                raise ValueError(
-                    f"mask of {n!r} must be a bool tensor of shape {tuple(p.shape)} (True = kept), "
-                    f"got {getattr(m, 'dtype', type(m).__name__)} {tuple(getattr(m, 'shape', ()))}"
-                )
+            m = check_bool_mask(masks[n], f"mask of {n!r}", p.shape)
             k &= m.to(p.device)
         keep[n] = k
     return keep
@@ -154,6 +162,10 @@ def _make_curvature(
         raise TypeError(f"curvature={curvature!r} needs ngrads and damp (keyword arguments)")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+    if not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):  # no iter(): workers would start
+        raise TypeError(
+            f"data must be an iterable of batches (a list, a DataLoader), got {type(data).__name__}"
+        )
     if curvature == "diagonal":
         return DiagonalFisherCurvature(
             loss_fn, data, ngrads=ngrads, damp=damp, collect=collect, relative_damp=relative_damp
@@ -181,10 +193,26 @@ def _selectors(
     """One ``(description, selector)`` per (re)computation step."""
     if scope not in _SCOPES:
         raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
-    if isinstance(recompute, bool) or not (
-        (isinstance(recompute, int) and recompute >= 1) or isinstance(recompute, Sequence)
-    ):
-        raise ValueError(f"recompute must be an int >= 1 or a list of sparsities, got {recompute!r}")
+    if isinstance(recompute, (bool, str, bytes)) or not isinstance(recompute, (int, Sequence)):
+        raise TypeError(
+            f"recompute must be an int >= 1 or a list of sparsities, got {type(recompute).__name__} "
+            f"{recompute!r}"
+        )
+    if isinstance(recompute, int):
+        check_positive_int(recompute, "recompute")
+    else:
+        recompute = [check_fraction(v, f"recompute[{i}]") for i, v in enumerate(recompute)]
+    if isinstance(sparsity, Mapping):
+        unknown = sorted(set(sparsity) - set(keep), key=str)
+        missing = sorted(set(keep) - set(sparsity))
+        if unknown or missing:
+            raise ValueError(
+                f"per-layer sparsity must cover exactly the pruned parameters {sorted(keep)}; unknown "
+                f"names {unknown}, missing {missing}"
+            )
+        sparsity = {n: check_fraction(v, f"sparsity[{n!r}]") for n, v in sparsity.items()}
+    elif sparsity is not None:
+        sparsity = check_fraction(sparsity, "sparsity")
     if pattern is not None:
         n, m = parse_pattern(pattern)
         if sparsity is not None and (
@@ -206,9 +234,6 @@ def _selectors(
         raise ValueError("give a target sparsity or an N:M pattern")
     if isinstance(sparsity, Mapping) or scope == "layer":
         targets = sparsity if isinstance(sparsity, Mapping) else dict.fromkeys(keep, sparsity)
-        missing = sorted(set(keep) - set(targets))
-        if missing or set(targets) - set(keep):
-            raise ValueError(f"per-layer sparsity must cover exactly the pruned parameters {sorted(keep)}")
         if not isinstance(recompute, int) and isinstance(sparsity, Mapping):
             raise ValueError("with per-layer sparsities, recompute must be an int")
         per_layer = {}
@@ -228,8 +253,6 @@ def _selectors(
             for j in range(nsteps)
         ]
     target = float(sparsity)
-    if not 0.0 <= target <= 1.0:
-        raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
     start = mask_sparsity(keep)
     if start >= target:
         logger.info("prune: already at sparsity %.4f >= target %.4f; nothing to prune", start, target)
@@ -355,6 +378,7 @@ def obs_scores(
     Memory: about ``2 m d`` entries (``m = 1024``, ``d = 270k``, float32: 2.2 GB).
     """
     names = _resolve_names(model, params)
+    _check_materialized(model, names)
     keep = _initial_keep(model, names, masks)
     source = _make_curvature(
         curvature, "none", loss_fn, data, ngrads, damp, block_size, collect, relative_damp
@@ -436,6 +460,7 @@ def prune_oneshot(
     """
     check_update(update)
     names = _resolve_names(model, params)
+    _check_materialized(model, names)
     keep = _initial_keep(model, names, masks)
     source = _make_curvature(
         curvature, update, loss_fn, data, ngrads, damp, block_size, collect, relative_damp
@@ -467,6 +492,10 @@ class GradualPruner:
         optimizers: optimizers to keep from reviving pruned weights.
         **kwargs: the keyword arguments of :func:`prune_oneshot` (``ngrads``, ``damp``, ``block_size``,
             ``recompute``, ``update``, ``params``, ``scope``, ``curvature``, ...).
+
+    Everything the first pruning event would check is checked here, before the model is touched: an
+    unknown keyword is a ``TypeError``, a bad value (``damp=-1``, ``recompute=0``, an unknown
+    parameter name) a ``ValueError`` or ``TypeError`` by the rules of :mod:`mfac.numerics`.
     """
 
     def __init__(
@@ -484,13 +513,31 @@ class GradualPruner:
         for key in ("sparsity", "masks", "pattern"):
             if key in kwargs:
                 raise TypeError(f"GradualPruner sets {key!r} itself; it is not a keyword here")
+        unknown = sorted(set(kwargs) - _ONESHOT_KEYWORDS)
+        if unknown:
+            raise TypeError(
+                f"GradualPruner got unknown keyword arguments {unknown}; it takes the keywords of "
+                f"prune_oneshot: {sorted(_ONESHOT_KEYWORDS)}"
+            )
+        # everything prune_oneshot would check at the first pruning event, checked now
+        update = check_update(kwargs.get("update", DEFAULT_UPDATE))
+        names = _resolve_names(model, kwargs.get("params"))
+        _check_materialized(model, names)
+        keep = _initial_keep(model, names, None)
+        _make_curvature(
+            kwargs.get("curvature", "fisher"), update, loss_fn, data, kwargs.get("ngrads"),
+            kwargs.get("damp"), kwargs.get("block_size"), kwargs.get("collect"),
+            kwargs.get("relative_damp", False),
+        )
+        _selectors(
+            keep, schedule.final_sparsity, kwargs.get("recompute", 1), None, kwargs.get("scope", "global")
+        )
         self.model = model
         self.loss_fn = loss_fn
         self.data = data
         self.schedule = schedule
         self.kwargs = kwargs
-        names = _resolve_names(model, kwargs.get("params"))
-        self.handle = MaskHandle(model, _initial_keep(model, names, None), optimizers)
+        self.handle = MaskHandle(model, keep, optimizers)
 
     @property
     def masks(self) -> Masks:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = ["CubicSchedule", "PruningSchedule", "StepSchedule", "recompute_steps"]
 
@@ -158,7 +158,16 @@ class StepSchedule(PruningSchedule):
     """
 
     def __init__(self, steps: Iterable[tuple[int, float]]) -> None:
-        pairs = [(int(_check_step(t, "step")), _check_fraction(s, "sparsity")) for t, s in steps]
+        if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
+            raise TypeError(
+                f"steps must be an iterable of (step, sparsity) pairs, got {type(steps).__name__} {steps!r}"
+            )
+        pairs = []
+        for i, pair in enumerate(steps):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"steps[{i}] must be a (step, sparsity) pair, got {pair!r}")
+            t, s = pair
+            pairs.append((_check_step(t, f"steps[{i}] step"), _check_fraction(s, f"steps[{i}] sparsity")))
         if not pairs:
             raise ValueError("StepSchedule needs at least one (step, sparsity) pair")
         for (t0, s0), (t1, s1) in itertools.pairwise(pairs):
@@ -203,7 +212,11 @@ def recompute_steps(start: float, target: float, k: int) -> list[float]:
         target: the target sparsity, ``start <= target <= 1``.
         k: number of steps, >= 1.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(
+            f"the number of recomputation steps must be an int >= 1, got {type(k).__name__} {k!r}"
+        )
+    if k < 1:
         raise ValueError(f"the number of recomputation steps must be an int >= 1, got {k!r}")
     if not 0.0 <= start < 1.0 or not start <= target <= 1.0:
         raise ValueError(f"need 0 <= start < 1 and start <= target <= 1, got start={start}, target={target}")

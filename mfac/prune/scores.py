@@ -44,7 +44,8 @@ from collections.abc import Callable
 import torch
 
 from mfac.fisher import InverseFisher, StaticInverseFisher
-from mfac.numerics import SMALL_DTYPE, NumericalWarning, check_damp
+from mfac.fisher.base import check_grads
+from mfac.numerics import SMALL_DTYPE, NumericalWarning, check_damp, check_same_placement
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +68,7 @@ def _check_vector(w: torch.Tensor, finv: InverseFisher, name: str = "w") -> torc
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if w.shape != (finv.dim,):
         raise ValueError(f"{name} must have shape ({finv.dim},) (the operator's d), got {tuple(w.shape)}")
-    if w.dtype != finv.dtype or w.device != finv.device:
-        raise TypeError(
-            f"{name} must have the operator's dtype {finv.dtype} and device {finv.device}, "
-            f"got {w.dtype} on {w.device}"
-        )
+    check_same_placement(w, name, finv.dtype, finv.device)
     return w
 
 
@@ -311,14 +308,14 @@ def restricted_joint_update(
     Returns:
         ``dw``, shape ``(d,)``.
     """
-    damp = check_damp(damp)
-    if grads.dim() != 2:
-        raise ValueError(f"grads must have shape (m, d), got {tuple(grads.shape)}")
+    grads = check_grads(grads)
+    damp = check_damp(damp, grads.dtype)
     m, d = grads.shape
-    if not isinstance(w, torch.Tensor) or w.shape != (d,):
-        raise ValueError(f"w must be a tensor of shape ({d},), got {getattr(w, 'shape', w)}")
-    if w.dtype != grads.dtype or w.device != grads.device:
-        raise TypeError(f"w must have grads' dtype {grads.dtype} and device {grads.device}, got {w.dtype}")
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor of shape ({d},), got {type(w).__name__}")
+    if w.shape != (d,):
+        raise ValueError(f"w must have shape ({d},), got {tuple(w.shape)}")
+    check_same_placement(w, "w", grads.dtype, grads.device)
     idx = _as_index(removed, d, grads.device)
     dw = torch.zeros_like(w)
     if idx.numel() == 0:
