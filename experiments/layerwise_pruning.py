@@ -217,6 +217,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--mfac-damp", type=float, default=0.1, help="relative damp of global M-FAC")
     ap.add_argument("--peer-python", default=None,
                     help="a python with llmcompressor installed (e.g. /work/venvs/llmc/bin/python)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the runs of other methods from an earlier results.json in --out")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for every method and the peer (0: torch's default)")
     args = ap.parse_args(argv)
@@ -257,6 +259,10 @@ def main(argv=None) -> dict:
         "runs": {},
     }
     logger.info("dense perplexity %.3f", results["dense"]["ppl"])
+    if args.update and (args.out / "results.json").exists():
+        old = json.loads((args.out / "results.json").read_text())
+        results["runs"] = {m: r for m, r in old["runs"].items() if m not in methods}
+        results["peer_error"] = old.get("peer_error") if "llmcompressor" not in methods else None
     for method in methods:
         if method == "llmcompressor":
             continue
