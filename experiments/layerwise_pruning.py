@@ -57,12 +57,13 @@ from mfac.prune import magnitude_prune, prune_layerwise, prune_oneshot
 logger = logging.getLogger("layerwise_pruning")
 
 SETTINGS = ("50%", "60%", "70%", "80%", "2:4", "4:8")
-METHODS = ("magnitude", "wanda", "sparsegpt", "obc", "mfac", "llmcompressor")
+METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt_block", "obc", "mfac", "llmcompressor")
 LABELS = {
     "dense": "dense",
     "magnitude": "magnitude (layer-wise)",
     "wanda": "Wanda",
     "sparsegpt": "SparseGPT (mfac)",
+    "sparsegpt_block": "SparseGPT (mfac, true_sequential=False)",
     "obc": "OBC (mfac)",
     "mfac": "global M-FAC OBS",
     "llmcompressor": "llm-compressor SparseGPT",
@@ -102,9 +103,11 @@ def run_ours(method, dense, setting, calib, args):
     names = targets_of(model)
     if method == "magnitude":
         call = lambda: magnitude_prune(model, params=names, scope="layer", **kw)  # noqa: E731
-    elif method in ("wanda", "sparsegpt", "obc"):
-        call = lambda: prune_layerwise(model, batches, method=method, forward_fn=fwd,  # noqa: E731
-                                       blocksize=128, damp=0.01, **kw)
+    elif method in ("wanda", "sparsegpt", "obc", "sparsegpt_block"):
+        solver = "sparsegpt" if method == "sparsegpt_block" else method
+        call = lambda: prune_layerwise(model, batches, method=solver, forward_fn=fwd,  # noqa: E731
+                                       blocksize=128, damp=0.01, true_sequential=method != "sparsegpt_block",
+                                       **kw)
     elif method == "mfac":
         grads = [calib[i : i + 1] for i in range(min(args.ngrads, len(calib)))]
         call = lambda: prune_oneshot(  # noqa: E731
@@ -217,6 +220,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--mfac-damp", type=float, default=0.1, help="relative damp of global M-FAC")
     ap.add_argument("--peer-python", default=None,
                     help="a python with llmcompressor installed (e.g. /work/venvs/llmc/bin/python)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the runs of other methods from an earlier results.json in --out")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for every method and the peer (0: torch's default)")
     args = ap.parse_args(argv)
@@ -257,6 +262,10 @@ def main(argv=None) -> dict:
         "runs": {},
     }
     logger.info("dense perplexity %.3f", results["dense"]["ppl"])
+    if args.update and (args.out / "results.json").exists():
+        old = json.loads((args.out / "results.json").read_text())
+        results["runs"] = {m: r for m, r in old["runs"].items() if m not in methods}
+        results["peer_error"] = old.get("peer_error") if "llmcompressor" not in methods else None
     for method in methods:
         if method == "llmcompressor":
             continue

@@ -15,8 +15,9 @@ Sequential calibration (``sequential=True``, the default):
    later. With ``true_sequential=True`` the layers of a block are pruned in the order the block calls them,
    grouped by shared input (GPT-2: ``attn.c_attn``, then ``attn.c_proj``, then ``mlp.c_fc``, then
    ``mlp.c_proj``; LLaMA's q/k/v projections form one group): each group's Hessians are collected with the
-   groups before it already pruned. A block with ``g`` groups costs ``g + 2`` forward passes of the block over
-   the calibration set (one to find the groups, on the first batch only).
+   groups before it already pruned. Each group's pass stops right after the group's last layer (when every
+   layer is called once per forward), so a block costs about two forward passes over the calibration set
+   (plus one on the first batch, to find the groups), as without true sequential.
 
 ``sequential=False`` hooks every target at once and prunes them all from one pass over the dense model.
 
@@ -190,13 +191,24 @@ def _prune_layer(target: LayerTarget, acc: HessianAccumulator, cfg: _Settings, b
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
-def _call_order(block: nn.Module, targets: list[LayerTarget], call: BlockCall) -> list[list[LayerTarget]]:
-    """Targets grouped in the order ``block`` calls them; consecutive calls on the same input form a group."""
+class _StopBlock(Exception):  # control flow only: the rest of a block's forward is not needed
+    pass
+
+
+def _call_order(block: nn.Module, targets: list[LayerTarget], call: BlockCall
+                ) -> tuple[list[list[LayerTarget]], bool]:
+    """Targets grouped in the order ``block`` calls them; consecutive calls on the same input form a group.
+
+    Also returns whether every target is called exactly once (then a group's Hessians are complete once its
+    last layer has run, and the rest of the block's forward can be skipped).
+    """
     seen: list[tuple[LayerTarget, int]] = []
     inputs: dict[int, torch.Tensor] = {}
+    calls = {id(t): 0 for t in targets}
 
     def make_hook(t: LayerTarget):
         def hook(module: nn.Module, args: tuple) -> None:
+            calls[id(t)] += 1
             if all(t is not s for s, _ in seen) and args and isinstance(args[0], torch.Tensor):
                 key = next((k for k, x in inputs.items() if x is args[0]), len(inputs))
                 inputs[key] = args[0]
@@ -220,17 +232,26 @@ def _call_order(block: nn.Module, targets: list[LayerTarget], call: BlockCall) -
         else:
             groups.append([t])
         last = key
-    return groups
+    return groups, all(n == 1 for n in calls.values())
 
 
-def _collect(targets: list[LayerTarget], dtype: torch.dtype, run: Callable[[], None]
-             ) -> list[HessianAccumulator]:
+def _collect(targets: list[LayerTarget], dtype: torch.dtype, run: Callable[[], None],
+             stop_after: nn.Module | None = None) -> list[HessianAccumulator]:
     accs = [HessianAccumulator(t, dtype) for t in targets]
+    handle = None
+    if stop_after is not None:  # registered after the accumulators' hooks, so it runs after them
+
+        def stop(module: nn.Module, args: tuple, output: Any) -> None:
+            raise _StopBlock
+
+        handle = stop_after.register_forward_hook(stop)
     try:
         run()
     finally:
         for a in accs:
             a.remove()
+        if handle is not None:
+            handle.remove()
     for a in accs:
         a.hessian()  # raises on non-finite or missing inputs before any weight of the group changes
     return accs
@@ -248,15 +269,19 @@ def _sequential(model, blocks, targets, data, forward_fn, cfg, true_sequential, 
         try:
             if mine:
                 if true_sequential:
-                    groups = _call_order(block, mine, calls[0].to(device))
+                    groups, once = _call_order(block, mine, calls[0].to(device))
                 else:
-                    groups = [mine]
+                    groups, once = [mine], False
+
                 def run(block=block, calls=calls) -> None:
                     for c in calls:
-                        c.to(device)(block)
+                        try:
+                            c.to(device)(block)
+                        except _StopBlock:
+                            pass
 
                 for group in groups:
-                    accs = _collect(group, cfg.dtype, run)
+                    accs = _collect(group, cfg.dtype, run, group[-1].module if once else None)
                     for t, a in zip(group, accs, strict=True):
                         masks[t.name] = _prune_layer(t, a, cfg, index)
                     del accs
