@@ -21,6 +21,7 @@ from mfac.prune.curvature import (
     IdentityCurvature,
 )
 from mfac.prune.enforce import MaskHandle, apply_masks
+from mfac.prune.groups import group_labels, select_groups
 from mfac.prune.masks import (
     check_nm,
     mask_sparsity,
@@ -32,6 +33,8 @@ from mfac.prune.masks import (
 from mfac.prune.pruner import DEFAULT_UPDATE, GradualPruner, obs_scores, prune_oneshot
 from mfac.prune.schedule import CubicSchedule, PruningSchedule, StepSchedule, recompute_steps
 from mfac.prune.scores import (
+    group_independent_update,
+    group_saliency,
     independent_update,
     joint_loss_increase,
     joint_update,
@@ -78,4 +81,9 @@ __all__ = [
     "joint_update",
     "obs_saliency",
     "restricted_joint_update",
+    # group (structured) OBS
+    "group_independent_update",
+    "group_labels",
+    "group_saliency",
+    "select_groups",
 ]
