@@ -149,7 +149,7 @@ def select_groups(
             kept_lab = lab[kp]
             groups, compact = torch.unique(kept_lab, return_inverse=True)
             sizes = torch.bincount(compact)
-            gscore = torch.zeros(groups.numel(), dtype=torch.float64).index_reduce_(
+            gscore = torch.zeros(groups.numel(), dtype=torch.float64).scatter_reduce_(
                 0, compact, sc[kp], "amax", include_self=False
             )
             order = torch.argsort(gscore, stable=True)

@@ -401,6 +401,7 @@ def _check_data(curvature: Curvature, data: Any) -> None:
     and cannot be measured up front; if it runs out, :func:`prune_with` restores the weights.
     """
     ngrads = getattr(curvature, "ngrads", None)
+    data = getattr(curvature, "data", data)  # a curvature object carries its own data
     opts = getattr(curvature, "collect", {}) or {}
     if not curvature.needs_data or ngrads is None or opts.get("cycle") or opts.get("per_sample"):
         return
