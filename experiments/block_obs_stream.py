@@ -420,7 +420,9 @@ def main(argv=None) -> None:
     add("--small-ngrads", type=int, default=256)
     add("--small-recompute", type=int, nargs="+", default=[1, 4, 16])
     add("--no-small", action="store_true")
+    add("--threads", type=int, default=1, help="torch threads (1: BLAS barriers stall on a shared box)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.chars, args.seq, args.hidden, args.layers, args.inter, args.heads = 20_000, 16, 32, 1, 64, 2
         args.train_steps, args.train_batch, args.ngrads, args.block = 3, 4, 12, 5

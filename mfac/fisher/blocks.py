@@ -188,8 +188,8 @@ class BlockFisherAccumulator:
 
     Memory: ``nb * B^2 * bytes(accumulate_dtype) ~ d * B * 4`` bytes (float32) for the whole life of the
     builder, which the finished operator then reuses in place. With float64 statistics for float32
-    gradients the operator needs its own ``d * B * 4`` bytes: peak ``d * B * 12`` bytes. Plus one padded
-    copy of each chunk (``k * d`` entries) while it is added.
+    gradients the operator needs its own ``d * B * 4`` bytes: peak ``d * B * 12`` bytes. Plus a padded
+    ``k x B`` copy of each chunk's short last block while it is added (whole blocks are read in place).
 
     Cost: ``add`` of ``k`` rows ``O(k d B)`` (batched matrix products); ``finalize`` ``O(d B^2)``.
     """
@@ -279,17 +279,25 @@ class BlockFisherAccumulator:
         if k == 0:
             return
         check_finite(grads, "grads")  # one pass over the chunk, before anything is added
-        if self._pad:
-            grads = nnf.pad(grads, (0, self._pad))
-        gb = grads.reshape(k, self._nblocks, self._block).transpose(0, 1)  # (nb, k, B)
-        if self._acc_dtype == self._dtype:
-            self._stats.baddbmm_(gb.mT, gb)
-        else:  # products in the gradients' dtype, summed into wider statistics slab by slab
-            per = max(1, SLAB_ENTRIES // (self._block * self._block))
-            for start in range(0, self._nblocks, per):
-                part = gb[start : start + per]
-                self._stats[start : start + per] += part.mT @ part
+        block, whole = self._block, self._dim // self._block
+        if whole:  # a view of the whole blocks (no copy of the chunk): (nb, k, B), rows of stride d
+            self._add_blocks(0, grads[:, : whole * block].reshape(k, whole, block).transpose(0, 1))
+        if self._pad:  # the short last block, zero-padded to B (a k x B copy)
+            tail = nnf.pad(grads[:, whole * block :], (0, self._pad))
+            self._add_blocks(whole, tail.unsqueeze(0))
         self._ngrads += k
+
+    def _add_blocks(self, first: int, gb: torch.Tensor) -> None:
+        """``A_b += G_b^T G_b`` for the blocks ``first, first + 1, ...`` of ``gb`` ``(n, k, B)``."""
+        stats = self._stats[first : first + gb.shape[0]]
+        if self._acc_dtype == self._dtype:
+            stats.baddbmm_(gb.mT, gb)
+            return
+        # products in the gradients' dtype, summed into the wider statistics slab by slab
+        per = max(1, SLAB_ENTRIES // (self._block * self._block))
+        for start in range(0, gb.shape[0], per):
+            part = gb[start : start + per]
+            stats[start : start + per] += part.mT @ part
 
     def sq_norm_sum(self) -> float:
         """``sum_i |g_i|^2 = trace(sum_b A_b)`` in float64 (what ``relative_damp`` scales with)."""
