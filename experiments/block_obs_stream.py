@@ -300,6 +300,18 @@ def ppl(loss: float | None) -> str:
 
 
 def report(record: dict, out: Path) -> str:
+    lines = big_report(record) if "big" in record else []
+    if "small" in record:
+        lines += small_report(record)
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(jsonable(record), indent=1))
+    if "big" in record:
+        plot(record, out / "loss_vs_sparsity.png")
+    return text
+
+
+def big_report(record: dict) -> list[str]:
     big = record["big"]
     lines = [
         f"Model: {big['params'] / 1e6:.1f}M parameters, d = {big['d'] / 1e6:.2f}M pruned (decoder Linear "
@@ -344,22 +356,21 @@ def report(record: dict, out: Path) -> str:
                   md_head(["steps", "gradients per step", "loss (ppl)"])]
         for r in sorted(at, key=lambda r: r["recompute"]):
             lines.append(md_row([r["recompute"], r.get("ngrads", big["ngrads"]), ppl(r["loss"])]))
-    if "small" in record:
-        small = record["small"]
-        lines += [
-            "", f"Streaming vs materialised route, small model (d = {small['d']}, m = {small['ngrads']}, "
-            f"B = {big['block']}), {record['recompute_at']:.0%}; dense {ppl(small['dense_loss'])}, magnitude "
-            f"{ppl(small['magnitude'])}:", "",
-            md_head(["route", "recompute", "loss (ppl)", "time", "peak RSS over start"]),
-        ]
-        for r in small["runs"]:
-            lines.append(md_row([r["route"], r["recompute"], ppl(r["loss"]), f"{r['total_s']:.1f} s",
-                                 format_bytes(r["peak_over_base"])]))
-    text = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(jsonable(record), indent=1))
-    plot(record, out / "loss_vs_sparsity.png")
-    return text
+    return lines
+
+
+def small_report(record: dict) -> list[str]:
+    small = record["small"]
+    lines = [
+        "", f"Streaming vs materialised route, small model (d = {small['d']}, m = {small['ngrads']}, "
+        f"B = {record['args']['block']}), {record['recompute_at']:.0%}; dense {ppl(small['dense_loss'])}, "
+        f"magnitude {ppl(small['magnitude'])}:", "",
+        md_head(["route", "recompute", "loss (ppl)", "time", "peak RSS over start"]),
+    ]
+    for r in small["runs"]:
+        lines.append(md_row([r["route"], r["recompute"], ppl(r["loss"]), f"{r['total_s']:.1f} s",
+                             format_bytes(r["peak_over_base"])]))
+    return lines
 
 
 def plot(record: dict, path: Path) -> None:
@@ -420,6 +431,7 @@ def main(argv=None) -> None:
     add("--small-ngrads", type=int, default=256)
     add("--small-recompute", type=int, nargs="+", default=[1, 4, 16])
     add("--no-small", action="store_true")
+    add("--no-big", action="store_true", help="only the small model (both routes)")
     add("--threads", type=int, default=1, help="torch threads (1: BLAS barriers stall on a shared box)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -437,7 +449,9 @@ def main(argv=None) -> None:
     record: dict = {"args": vars(args), "recompute_at": args.recompute_at, "threads": torch.get_num_threads(),
                     "layerwise": hasattr(mfac, "prune_layerwise")}
     start = time.perf_counter()
-    run_big(args, data, val, record)
+    if not args.no_big:
+        run_big(args, data, val, record)
+        (out / "results.json").write_text(json.dumps(jsonable(record), indent=1))  # if the rest is cut
     if not args.no_small:
         run_small(args, data, val, record)
     record["total_s"] = time.perf_counter() - start

@@ -591,7 +591,9 @@ class GradualPruner:
         schedule: a :class:`~mfac.prune.PruningSchedule`.
         optimizers: optimizers to keep from reviving pruned weights.
         **kwargs: the keyword arguments of :func:`prune_oneshot` (``ngrads``, ``damp``, ``block_size``,
-            ``recompute``, ``update``, ``params``, ``scope``, ``curvature``, ...).
+            ``recompute``, ``update``, ``params``, ``scope``, ``curvature``, ``groups``, ...). With
+            ``block_size <= ngrads`` every pruning event streams its gradients (``G`` is never stored); a
+            pruning event that fails leaves the weights and the masks as they were.
     """
 
     def __init__(
