@@ -234,7 +234,6 @@ def test_group_pruning_removes_whole_groups(groups, update):
         lab, keep = labels[n].reshape(-1), masks[n].reshape(-1)
         for q in lab.unique():
             assert keep[lab == q].all() or not keep[lab == q].any(), (n, q)
-        assert torch.equal(dict(model.named_parameters())[n].detach() == 0, ~masks[n]) or True
         assert bool((dict(model.named_parameters())[n].detach()[~masks[n]] == 0).all())
     total = sum(m.numel() for m in masks.values())
     assert abs(sum(int((~m).sum()) for m in masks.values()) - 0.5 * total) <= 8  # one row/group of slack
