@@ -5,8 +5,10 @@ The pruning API's main entry points are re-exported here; all of it lives in :mo
 Multi-process sharding lives in :mod:`mfac.distributed` (imported on demand).
 """
 
-from mfac.collect import collect_grads, evaluate_loss
+from mfac.collect import collect_grads, evaluate_loss, stream_grads
 from mfac.fisher import (
+    BlockFisherAccumulator,
+    BlockInverseFisher,
     DenseInverseFisher,
     InverseFisher,
     SlidingInverseFisher,
@@ -53,6 +55,10 @@ __all__ = [
     "collect_grads",
     "default_prunable",
     "evaluate_loss",
+    # streaming block-diagonal Fisher
+    "BlockFisherAccumulator",
+    "BlockInverseFisher",
+    "stream_grads",
     # numerics
     "MFACWarning",
     "NotPositiveDefiniteError",

@@ -30,6 +30,10 @@ differentiated with its batch statistics, as in training; pass ``train=False`` f
 Memory: the result holds ``m * d * bytes`` (logged up front at INFO level). Mini-batch rows need
 one extra gradient of ``d`` entries at a time; per-sample rows need the gradients of one batch,
 ``batch_size * d`` entries, at a time.
+
+:func:`stream_grads` yields the same rows as chunks of ``chunk`` rows from one reused buffer
+(``chunk * d * bytes``): for consumers that fold gradients into smaller statistics and never need
+``G`` (the block-diagonal Fisher of :class:`~mfac.fisher.BlockFisherAccumulator`).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from mfac.params import ParamSpace
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["collect_grads", "evaluate_loss"]
+__all__ = ["collect_grads", "evaluate_loss", "stream_grads"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -335,6 +339,93 @@ def _per_sample_grad_fn(
 
 
 # ------------------------------------------------------------------------------- public
+def _setup(
+    model: nn.Module, loss_fn: LossFn, ngrads: int, params: Any, masked: bool
+) -> tuple[int, ParamSpace, int]:
+    """Validate the common arguments; return ``(ngrads, space, width)``."""
+    ngrads = check_positive_int(ngrads, "ngrads")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+    space = _resolve_space(model, params)
+    for name, p in space.named_params():
+        check_not_meta(p, f"parameter {name!r}")
+    if masked and not space.has_masks:
+        raise ValueError("masked=True needs params to be a ParamSpace with masks, got none")
+    return ngrads, space, space.kept_dim if masked else space.dim
+
+
+def _chunks(
+    model: nn.Module, loss_fn: LossFn, data: Iterable[Any], space: ParamSpace, masked: bool,
+    per_sample: bool, cycle: bool, train: bool | None, progress: bool | None, buf: torch.Tensor,
+    ngrads: int,
+) -> Iterator[torch.Tensor]:
+    """Fill ``buf`` (``(chunk, width)``) with gradient rows and yield ``buf[:j]`` each time it is full."""
+    rows = _Rows(data, ngrads, cycle)
+    desc = "per-sample gradients" if per_sample else "gradients"
+    bar = _progress_bar(progress, ngrads, buf.shape[1], desc)
+    try:
+        with _preserved_state(model, train):
+            if per_sample:
+                yield from _per_sample_chunks(model, loss_fn, space, masked, buf, rows, bar)
+            else:
+                yield from _mini_batch_chunks(loss_fn, model, space, masked, buf, rows, bar)
+    finally:
+        bar.close()
+    logger.debug(
+        "collect: %d rows from %d batches in %d pass(es)", rows.rows, rows.batches, rows.passes
+    )
+
+
+def stream_grads(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Any],
+    ngrads: int,
+    *,
+    chunk: int = 32,
+    params: Sequence[str] | ParamSpace | None = None,
+    per_sample: bool = False,
+    cycle: bool = False,
+    masked: bool = False,
+    train: bool | None = None,
+    progress: bool | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the ``ngrads`` gradient rows of :func:`collect_grads` as chunks of at most ``chunk`` rows.
+
+    The same rows in the same order as ``collect_grads`` (``torch.cat`` of the chunks equals its ``G``), but
+    never more than ``chunk`` of them at a time: the consumer (e.g.
+    :class:`~mfac.fisher.BlockFisherAccumulator`) folds each chunk into its own statistics.
+
+    Args:
+        model: the model; its parameters are not modified.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        data: iterable of batches (see :func:`collect_grads`).
+        ngrads: ``m``, the number of rows in all, >= 1.
+        chunk: rows per yielded tensor (the last one may hold fewer).
+        params: which parameters make the columns (see :func:`collect_grads`).
+        per_sample: one row per sample instead of per batch.
+        cycle: restart ``data`` when it runs out.
+        masked: rows of the kept coordinates of a masked ``ParamSpace`` only.
+        train: train/eval mode while streaming (None keeps it); restored when the stream ends.
+        progress: a tqdm bar (see :func:`collect_grads`).
+
+    Yields:
+        Shape ``(k, width)`` with ``1 <= k <= chunk``; ``width = d`` (``k`` kept when ``masked``). **The
+        same buffer is reused**: a chunk is overwritten by the next one, so copy it to keep it.
+
+    Memory: ``chunk * width * bytes`` for the buffer (plus, per sample, one batch's gradients).
+    The arguments are checked when ``stream_grads`` is called; gradients are computed lazily while the
+    stream is iterated, and the model's modes and ``.grad`` are restored when it ends (or is closed).
+    Running out of data raises ``ValueError`` during iteration (after the rows that were available).
+    """
+    ngrads, space, width = _setup(model, loss_fn, ngrads, params, masked)
+    chunk = min(check_positive_int(chunk, "chunk"), ngrads)
+    buf = allocate((chunk, width), space.dtype, space.device, "gradient chunk")  # (chunk, width)
+    return _chunks(model, loss_fn, data, space, masked, per_sample, cycle, train, progress, buf, ngrads)
+
+
 def collect_grads(
     model: nn.Module,
     loss_fn: LossFn,
@@ -353,7 +444,7 @@ def collect_grads(
     Row ``i`` is the gradient of the loss of the ``i``-th batch (mini-batch mode, the paper's) or
     of the ``i``-th sample (``per_sample=True``, see the module docstring for what a batch must
     be). Exactly ``ngrads`` rows; batches are pulled lazily and no more than needed (the last batch
-    may be used in part in per-sample mode).
+    may be used in part in per-sample mode). :func:`stream_grads` gives the same rows chunk by chunk.
 
     Args:
         model: the model; its parameters are not modified.
@@ -390,17 +481,7 @@ def collect_grads(
     was found. The statistics are restored afterwards rather than frozen, so in train mode the
     gradients are those of the training forward pass (batch statistics), as in training.
     """
-    ngrads = check_positive_int(ngrads, "ngrads")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
-    space = _resolve_space(model, params)
-    for name, p in space.named_params():
-        check_not_meta(p, f"parameter {name!r}")
-    if masked and not space.has_masks:
-        raise ValueError("masked=True needs params to be a ParamSpace with masks, got none")
-    width = space.kept_dim if masked else space.dim
+    ngrads, space, width = _setup(model, loss_fn, ngrads, params, masked)
     itemsize = torch.empty((), dtype=space.dtype).element_size()
     logger.info(
         "collect_grads: %d %s gradients x %d coordinates (%s) = %s on %s",
@@ -408,29 +489,17 @@ def collect_grads(
         format_bytes(ngrads * width * itemsize), space.device,
     )
     out = allocate((ngrads, width), space.dtype, space.device, "gradient matrix")  # (ngrads, width)
-    rows = _Rows(data, ngrads, cycle)
-    desc = "per-sample gradients" if per_sample else "gradients"
-    bar = _progress_bar(progress, ngrads, width, desc)
-    try:
-        with _preserved_state(model, train):
-            if per_sample:
-                _collect_per_sample(model, loss_fn, space, masked, out, rows, bar)
-            else:
-                _collect_mini_batch(loss_fn, model, space, masked, out, rows, bar)
-    finally:
-        bar.close()
-    logger.debug(
-        "collect_grads: %d rows from %d batches in %d pass(es)",
-        rows.rows, rows.batches, rows.passes,
-    )
+    for _ in _chunks(model, loss_fn, data, space, masked, per_sample, cycle, train, progress, out, ngrads):
+        pass  # one chunk: the whole of ``out``
     return out
 
 
-def _collect_mini_batch(
-    loss_fn: LossFn, model: nn.Module, space: ParamSpace, masked: bool, out: torch.Tensor,
+def _mini_batch_chunks(
+    loss_fn: LossFn, model: nn.Module, space: ParamSpace, masked: bool, buf: torch.Tensor,
     rows: _Rows, bar: Any,
-) -> None:
+) -> Iterator[torch.Tensor]:
     params = space.params
+    j = 0
     while rows.rows < rows.ngrads:
         batch = rows.next_batch()
         i = rows.rows
@@ -440,17 +509,22 @@ def _collect_mini_batch(
         filled = [
             torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
         ]
-        space.flatten(filled, masked=masked, out=out[i])
-        _check_rows(out[i : i + 1], i, space, masked)
+        space.flatten(filled, masked=masked, out=buf[j])
+        _check_rows(buf[j : j + 1], i, space, masked)
         rows.add(1)
         bar.update(1)
+        j += 1
+        if j == buf.shape[0] or rows.rows == rows.ngrads:
+            yield buf[:j]
+            j = 0
 
 
-def _collect_per_sample(
-    model: nn.Module, loss_fn: LossFn, space: ParamSpace, masked: bool, out: torch.Tensor,
+def _per_sample_chunks(
+    model: nn.Module, loss_fn: LossFn, space: ParamSpace, masked: bool, buf: torch.Tensor,
     rows: _Rows, bar: Any,
-) -> None:
+) -> Iterator[torch.Tensor]:
     compute = _per_sample_grad_fn(model, loss_fn, space)
+    j = 0
     with _preserved_prune_attributes(model):
         while rows.rows < rows.ngrads:
             batch, n = _split_samples(rows.next_batch())
@@ -473,14 +547,23 @@ def _collect_per_sample(
                 ) from err
             bad = (~torch.isfinite(losses)).nonzero()
             if bad.numel():
-                j = int(bad[0])
+                k = int(bad[0])
                 raise ValueError(
-                    f"loss of gradient row {i + j} is {losses[j].item()}, must be finite"
+                    f"loss of gradient row {i + k} is {losses[k].item()}, must be finite"
                 )
-            space.flatten(list(grads), masked=masked, out=out[i : i + n])
-            _check_rows(out[i : i + n], i, space, masked)
-            rows.add(n)
-            bar.update(n)
+            done = 0
+            while done < n:  # the batch's rows, split where the buffer fills
+                take = min(n - done, buf.shape[0] - j)
+                part = buf[j : j + take]
+                space.flatten([g[done : done + take] for g in grads], masked=masked, out=part)
+                _check_rows(part, rows.rows, space, masked)
+                rows.add(take)
+                bar.update(take)
+                j += take
+                done += take
+                if j == buf.shape[0] or rows.rows == rows.ngrads:
+                    yield buf[:j]
+                    j = 0
 
 
 def evaluate_loss(

@@ -446,6 +446,12 @@ class _Sharded:
     def _global_submatrix(self, idx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _group_solve(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(
+            "group_solve is not available for a sharded operator (its groups would span ranks); use "
+            "submatrix() of each group's global coordinates"
+        )
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(dim={self._dim} of {self._shard.dim}, rank={self._shard.rank}/"

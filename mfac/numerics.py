@@ -55,10 +55,13 @@ __all__ = [
     "NumericalWarning",
     "accumulated_matmul",
     "allocate",
+    "available_memory",
+    "batched_spd_solve",
     "check_bool_mask",
     "check_damp",
     "check_finite",
     "check_fraction",
+    "check_memory",
     "check_not_meta",
     "check_positive_int",
     "check_same_placement",
@@ -278,3 +281,66 @@ def safe_cholesky(
         f"{what} of size {n} is not positive definite even with a diagonal jitter of {jitter / 10:.3e}"
         f" ({jitter / 10 / scale:.1e} of its largest entry); are the gradients finite and damp > 0?"
     )
+
+
+def batched_spd_solve(matrix: torch.Tensor, rhs: torch.Tensor, *, what: str = "matrix") -> torch.Tensor:
+    """Solve ``matrix @ x = rhs`` for a batch of symmetric positive definite float64 matrices.
+
+    Args:
+        matrix: shape ``(n, s, s)``, symmetric (symmetrised here against rounding).
+        rhs: shape ``(n, s, k)``.
+        what: name of the matrices in the warning.
+
+    Cholesky per matrix; the matrices that rounding left indefinite (a tiny damp in float32) are solved
+    by pivoted LU instead, with a :class:`NumericalWarning` saying how many.
+    """
+    matrix = 0.5 * (matrix + matrix.mT)
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    out = torch.cholesky_solve(rhs, factor)
+    bad = (info != 0).nonzero().squeeze(1)
+    if bad.numel():
+        warnings.warn(
+            f"{bad.numel()} of {matrix.shape[0]} matrices {what} ({matrix.shape[-1]} x {matrix.shape[-1]}) "
+            "are not numerically positive definite; solved by LU instead. Consider a larger damp.",
+            NumericalWarning,
+            stacklevel=3,
+        )
+        out[bad] = torch.linalg.solve(matrix[bad], rhs[bad])
+    return out
+
+
+def available_memory(device: torch.device | str | None = None) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None where it cannot be told).
+
+    ``MemAvailable`` of ``/proc/meminfo`` for the CPU (Linux), ``torch.cuda.mem_get_info`` for CUDA.
+    """
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(nbytes: int, device: torch.device | str | None, what: str, advice: str) -> None:
+    """Raise ``MemoryError`` up front when ``nbytes`` exceed :func:`available_memory` of ``device``.
+
+    Meant for allocations that would otherwise succeed lazily and be killed later (Linux overcommit)
+    or fail halfway through a computation. Silent when the free memory cannot be told.
+    """
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        raise MemoryError(
+            f"{what} needs {format_bytes(nbytes)}, but only {format_bytes(free)} is available on "
+            f"{device or 'cpu'}; {advice}"
+        )

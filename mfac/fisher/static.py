@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as nnf
 
 from mfac.fisher.base import InverseFisher, check_grads
+from mfac.fisher.blocks import BlockInverseFisher, invert_fisher_blocks
 from mfac.numerics import (
     DEFAULT_CHUNK,
     accumulated_matmul,
@@ -125,7 +126,7 @@ class StaticInverseFisher(InverseFisher):
             self.route = "empty"
         elif self._use_direct_route(block, m):
             self.route = "direct"
-            self._inv_blocks = self._build_direct(grads)  # shape: (nb, B, B)
+            self._blocks = self._build_direct(grads)  # (nb, B, B) inverse blocks
         else:
             self.route = "woodbury"
             self._q = self._build_woodbury(grads, overwrite)  # shape: (nb, m, B)
@@ -147,11 +148,13 @@ class StaticInverseFisher(InverseFisher):
             cols = nnf.pad(cols, (0, pad))
         return cols.reshape(m, nblocks, self._block).permute(1, 0, 2)
 
-    def _build_direct(self, grads: torch.Tensor) -> torch.Tensor:
+    def _build_direct(self, grads: torch.Tensor) -> BlockInverseFisher:
         """Invert each ``B x B`` block ``damp I + (1/m) G_b^T G_b`` (float64), batch by batch of blocks.
 
         The block Gram products run in the input dtype in slabs of ``chunk`` gradients, summed in
-        float64 (:func:`~mfac.numerics.accumulated_matmul`); only the ``B x B`` matrices are float64.
+        float64 (:func:`~mfac.numerics.accumulated_matmul`); the inversion is
+        :func:`~mfac.fisher.blocks.invert_fisher_blocks`, shared with the streaming builder, and the
+        result the same :class:`~mfac.fisher.blocks.BlockInverseFisher` operator.
         """
         m = self._ngrads
         block = self._block
@@ -162,13 +165,14 @@ class StaticInverseFisher(InverseFisher):
             stop = min(start + per, self._nblocks)
             cols = grads[:, start * block : min(stop * block, self._dim)]
             gb = self._blocked(cols, stop - start)  # (nbc, m, B), a view unless padded
-            fisher = accumulated_matmul(gb.mT, gb, chunk=self._chunk).div_(m)  # (nbc, B, B) float64
-            diag = fisher.diagonal(dim1=-2, dim2=-1)
-            self._check_finite_norms(diag, grads, columns=True)
-            diag.add_(self._damp)
-            factor, _ = safe_cholesky(fisher, what="Fisher block", entry_dtype=self._dtype)
-            out[start:stop] = torch.cholesky_inverse(factor).to(self._dtype)
-        return out
+            gram = accumulated_matmul(gb.mT, gb, chunk=self._chunk)  # (nbc, B, B) float64
+            self._check_finite_norms(gram.diagonal(dim1=-2, dim2=-1), grads, columns=True)
+            inv, jitter = invert_fisher_blocks(gram, m, self._damp, entry_dtype=self._dtype)
+            self.jitter = max(self.jitter, jitter)
+            out[start:stop] = inv
+        blocks = BlockInverseFisher(out, self._dim, self._damp, m)
+        blocks.jitter = self.jitter
+        return blocks
 
     def _build_woodbury(self, grads: torch.Tensor, overwrite: bool) -> torch.Tensor:
         m = self._ngrads
@@ -259,9 +263,9 @@ class StaticInverseFisher(InverseFisher):
     def _mul(self, x: torch.Tensor) -> torch.Tensor:
         if self.route == "empty":
             return x / self._damp
-        xb = self._to_blocks(x)
         if self.route == "direct":
-            return self._from_blocks(self._inv_blocks @ xb)
+            return self._blocks._mul(x)
+        xb = self._to_blocks(x)
         if self._nblocks == 1:  # 2-D BLAS: two passes over Q, (m, k) in between
             q = self._q[0]
             coeff = q @ x.T  # (m, k)
@@ -276,9 +280,8 @@ class StaticInverseFisher(InverseFisher):
         if self.route == "empty":
             return torch.full((self._dim,), 1.0 / self._damp, dtype=self._dtype, device=self._device)
         if self.route == "direct":
-            diag = self._inv_blocks.diagonal(dim1=-2, dim2=-1)
-        else:
-            diag = self._column_sq_norms().neg_().add_(1.0).div_(self._damp)  # (nb, B)
+            return self._blocks._diag()
+        diag = self._column_sq_norms().neg_().add_(1.0).div_(self._damp)  # (nb, B)
         return diag.reshape(-1)[: self._dim].clone()
 
     def _column_sq_norms(self) -> torch.Tensor:
@@ -299,11 +302,26 @@ class StaticInverseFisher(InverseFisher):
         same_coord = (idx[:, None] == idx[None, :]).to(self._dtype)
         if self.route == "empty":
             return same_coord / self._damp
+        if self.route == "direct":
+            return self._blocks._submatrix(idx)
         blk, off = idx // self._block, idx % self._block
         same_block = blk[:, None] == blk[None, :]
-        if self.route == "direct":
-            vals = self._inv_blocks[blk[:, None], off[:, None], off[None, :]]
-            return vals * same_block
         cols = self._q[blk, :, off]  # (s, m)
         inner = (cols @ cols.T) * same_block
         return (same_coord - inner) / self._damp
+
+    def _segments(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.route == "empty":  # F^{-1} = I / damp: every coordinate is independent
+            return torch.where(labels >= 0, torch.arange(self._dim, device=labels.device), labels)
+        return self._split_by_block(labels, self._block) if self._nblocks > 1 else labels
+
+    def _submatrices(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.route == "empty":
+            return super()._submatrices(idx)
+        if self.route == "direct":
+            return self._blocks._submatrices(idx)
+        # every row of idx lies in one block (``_segments``): (n, s, m) columns of Q, one batched product
+        blk, off = idx // self._block, idx % self._block
+        cols = self._q[blk, :, off]  # (n, s, m)
+        same = (idx[:, :, None] == idx[:, None, :]).to(self._dtype)
+        return (same - cols @ cols.mT) / self._damp

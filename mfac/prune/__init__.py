@@ -24,6 +24,7 @@ from mfac.prune.curvature import (
 )
 from mfac.prune.enforce import MaskHandle, apply_masks
 from mfac.prune.layerwise import LAYERWISE_METHODS, LayerReport, prune_layerwise
+from mfac.prune.groups import group_labels, select_groups
 from mfac.prune.masks import (
     check_nm,
     mask_sparsity,
@@ -36,6 +37,8 @@ from mfac.prune.masks import (
 from mfac.prune.pruner import DEFAULT_UPDATE, GradualPruner, obs_scores, prune_oneshot
 from mfac.prune.schedule import CubicSchedule, PruningSchedule, StepSchedule, recompute_steps
 from mfac.prune.scores import (
+    group_independent_update,
+    group_saliency,
     independent_update,
     joint_loss_increase,
     joint_update,
@@ -87,4 +90,9 @@ __all__ = [
     "joint_update",
     "obs_saliency",
     "restricted_joint_update",
+    # group (structured) OBS
+    "group_independent_update",
+    "group_labels",
+    "group_saliency",
+    "select_groups",
 ]

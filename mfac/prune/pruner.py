@@ -58,6 +58,7 @@ from mfac.prune.curvature import (
     check_update,
 )
 from mfac.prune.enforce import MaskHandle
+from mfac.prune.groups import group_labels, select_groups
 from mfac.prune.masks import (
     Axes,
     mask_sparsity,
@@ -79,7 +80,7 @@ DEFAULT_UPDATE = "joint"
 #: the keyword arguments GradualPruner passes on to prune_oneshot.
 _ONESHOT_KEYWORDS = frozenset(
     {"ngrads", "damp", "block_size", "recompute", "update", "params", "scope", "curvature", "collect",
-     "progress", "relative_damp"}
+     "progress", "relative_damp", "groups"}
 )
 
 _SCOPES = ("global", "layer")
@@ -189,8 +190,9 @@ def _selectors(
     pattern: str | tuple[int, int] | None,
     scope: str,
     axes: Axes = None,
+    labels: Masks | None = None,
 ) -> list[tuple[str, Selector]]:
-    """One ``(description, selector)`` per (re)computation step."""
+    """One ``(description, selector)`` per (re)computation step (whole groups when ``labels``)."""
     if scope not in _SCOPES:
         raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
     if isinstance(recompute, (bool, str, bytes)) or not isinstance(recompute, (int, Sequence)):
@@ -213,6 +215,11 @@ def _selectors(
         sparsity = {n: check_fraction(v, f"sparsity[{n!r}]") for n, v in sparsity.items()}
     elif sparsity is not None:
         sparsity = check_fraction(sparsity, "sparsity")
+    if labels is not None:
+        if pattern is not None:
+            raise ValueError("groups and an N:M pattern cannot be combined; give one of them")
+        plain = _selectors(keep, sparsity, recompute, None, scope)
+        return [(desc, _as_group_selector(select, labels)) for desc, select in plain]
     if pattern is not None:
         n, m = parse_pattern(pattern)
         if sparsity is not None and (
@@ -248,7 +255,10 @@ def _selectors(
         return [
             (
                 f"per-layer step {j + 1}",
-                lambda s, kp, j=j: select_per_layer(s, {n: v[j] for n, v in per_layer.items()}, keep=kp),
+                _with_target(
+                    lambda s, kp, t: select_per_layer(s, t, keep=kp),
+                    {n: v[j] for n, v in per_layer.items()},
+                ),
             )
             for j in range(nsteps)
         ]
@@ -258,7 +268,31 @@ def _selectors(
         logger.info("prune: already at sparsity %.4f >= target %.4f; nothing to prune", start, target)
         return []
     steps = _as_steps(recompute, start, target)
-    return [(f"{s:.4f}", lambda sc, kp, s=s: select_global(sc, s, keep=kp)) for s in steps]
+    return [
+        (f"{s:.4f}", _with_target(lambda sc, kp, t: select_global(sc, t, keep=kp), s)) for s in steps
+    ]
+
+
+def _with_target(select: Callable[[Any, Any, Any], Masks], target: Any) -> Selector:
+    """``select(scores, keep, target)`` as a selector that remembers its ``target`` (for groups)."""
+
+    def selector(scores: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor]) -> Masks:
+        return select(scores, keep, target)
+
+    selector.target = target  # type: ignore[attr-defined]
+    return selector
+
+
+def _as_group_selector(select: Selector, labels: Masks) -> Selector:
+    """Reach the plain selector's targets by removing whole groups (:func:`select_groups`)."""
+    target = getattr(select, "target", None)
+
+    def select_whole_groups(scores: Mapping[str, torch.Tensor], keep: Masks) -> Masks:
+        return select_groups(scores, labels, target, keep=keep)
+
+    if target is None:
+        raise AssertionError("group selection needs a selector with a target")
+    return select_whole_groups
 
 
 def _flat_mask(space: ParamSpace, masks: Mapping[str, torch.Tensor], *, kept: bool = False) -> torch.Tensor:
@@ -290,50 +324,124 @@ def prune_with(
     update: str,
     *,
     progress: bool = False,
+    labels: Masks | None = None,
 ) -> Masks:
     """Run pruning steps with a curvature source: the engine behind :func:`prune_oneshot`.
 
-    Each step: kept space from ``keep``; ``curvature.prepare``; saliencies; ``selector(scores, keep)`` gives
-    the new masks; ``curvature.update`` gives ``dw`` on the kept space; the new weights are written (pruned
-    coordinates exactly zero). Returns the final masks.
+    Each step: kept space from ``keep``; ``curvature.prepare``; saliencies (per group with ``labels``:
+    :func:`~mfac.prune.groups.group_labels`); ``selector(scores, keep)`` gives the new masks;
+    ``curvature.update`` (``group_update``) gives ``dw`` on the kept space; the new weights are written
+    (pruned coordinates exactly zero). Returns the final masks.
+
+    All or nothing: if a step raises (the data runs out, a non-finite update, out of memory), the pruned
+    parameters get back the values they had when ``prune_with`` was called and the error is re-raised;
+    the ``torch.nn.utils.prune`` masks are only written after the last step.
     """
     check_update(update)
     full = ParamSpace.from_module(model, names)
-    with torch.no_grad():  # start from exact zeros on everything already pruned
-        full.copy_(full.param_vector() * _flat_mask(full, keep).to(full.dtype))
+    flat_labels = None if labels is None else torch.cat([labels[n].reshape(-1) for n in full.names])
+    original = full.param_vector().clone()  # d entries: what a failed step restores
     steps: Iterable[tuple[str, Selector]] = selectors
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(selectors, desc="pruning steps", leave=False)
-    for desc, select in steps:
-        space = full.with_masks(keep)
-        w = space.param_vector(masked=True)  # shape: (k,)
-        curvature.prepare(model, space)
-        saliency = curvature.saliency(w)
-        scores = dict(zip(space.names, space.masked_unflatten(saliency, fill=0.0), strict=True))
-        new_keep = select(scores, keep)
-        removed = ~_flat_mask(space, new_keep, kept=True)  # shape: (k,)
-        dw = curvature.update(w, removed, update)
+    number = 0
+    try:
+        with torch.no_grad():  # start from exact zeros on everything already pruned
+            full.copy_(full.param_vector() * _flat_mask(full, keep).to(full.dtype))
+        for desc, select in steps:
+            number += 1
+            keep = _prune_step(model, curvature, full, keep, select, update, flat_labels, desc)
+    except BaseException as err:
         curvature.release()
-        if not bool(torch.isfinite(dw).all()):
-            raise FloatingPointError(
-                f"the {update!r} OBS update of pruning step {desc} is not finite; the weights are left "
-                "as they were before this step. Try a larger damp, more ngrads or update='independent'"
-            )
-        w_new = w.add_(dw)
-        w_new[removed] = 0.0
-        space.copy_(w_new, masked=True)
-        keep = new_keep
-        logger.info(
-            "prune step %s: removed %d of %d kept weights, sparsity now %.4f",
-            desc,
-            int(removed.sum()),
-            removed.numel(),
-            mask_sparsity(keep),
+        with torch.no_grad():
+            full.copy_(original)
+        note = (
+            f"pruning step {number} of {len(selectors)} failed; the pruned "
+            "parameters were restored to their values before pruning (no weight changed)"
         )
+        if isinstance(err, ValueError) and "data ran out" in str(err):
+            raise ValueError(
+                f"{err}. Each (re)computation step needs ngrads gradients ({len(selectors)} steps); a "
+                f"one-shot iterator is consumed step after step. {note}"
+            ) from err
+        if hasattr(err, "add_note"):
+            err.add_note(note)
+        raise
     _sync_torch_prune(model, keep)
     return {n: k.clone() for n, k in keep.items()}
+
+
+def _prune_step(
+    model: nn.Module,
+    curvature: Curvature,
+    full: ParamSpace,
+    keep: Masks,
+    select: Selector,
+    update: str,
+    flat_labels: torch.Tensor | None,
+    desc: str,
+) -> Masks:
+    """One (re)computation step of :func:`prune_with`; returns the new masks."""
+    space = full.with_masks(keep)
+    w = space.param_vector(masked=True)  # shape: (k,)
+    curvature.prepare(model, space)
+    if flat_labels is None:
+        group = None
+        saliency = curvature.saliency(w)
+    else:  # groups numbered 0..n-1 over the kept coordinates
+        _, group = torch.unique(flat_labels[space.kept_indices()].to(w.device), return_inverse=True)
+        saliency = curvature.group_saliency(w, group)[group]
+    scores = dict(zip(space.names, space.masked_unflatten(saliency, fill=0.0), strict=True))
+    new_keep = select(scores, keep)
+    removed = ~_flat_mask(space, new_keep, kept=True)  # shape: (k,)
+    if group is None:
+        dw = curvature.update(w, removed, update)
+    else:
+        dw = curvature.group_update(w, removed, group, update)
+    curvature.release()
+    if not bool(torch.isfinite(dw).all()):
+        raise FloatingPointError(
+            f"the {update!r} OBS update of pruning step {desc} is not finite. Try a larger damp, more "
+            "ngrads or update='independent'"
+        )
+    w_new = w.add_(dw)
+    w_new[removed] = 0.0
+    space.copy_(w_new, masked=True)
+    logger.info(
+        "prune step %s: removed %d of %d kept weights, sparsity now %.4f",
+        desc,
+        int(removed.sum()),
+        removed.numel(),
+        mask_sparsity(new_keep),
+    )
+    return new_keep
+
+
+def _check_data(curvature: Curvature, data: Any) -> None:
+    """Fail before any weight changes when ``data`` cannot give one step's ``ngrads`` gradients.
+
+    Only what can be told without consuming the data: a sized, re-iterable ``data`` (a list, a DataLoader)
+    of fewer mini-batches than ``ngrads``, without ``cycle``. A one-shot iterator is consumed step after step
+    and cannot be measured up front; if it runs out, :func:`prune_with` restores the weights.
+    """
+    ngrads = getattr(curvature, "ngrads", None)
+    data = getattr(curvature, "data", data)  # a curvature object carries its own data
+    opts = getattr(curvature, "collect", {}) or {}
+    if not curvature.needs_data or ngrads is None or opts.get("cycle") or opts.get("per_sample"):
+        return
+    if data is None:
+        raise TypeError("this curvature needs data (an iterable of batches), got None")
+    if not hasattr(data, "__iter__"):
+        raise TypeError(f"data must be an iterable of batches, got {type(data).__name__}")
+    one_shot = hasattr(data, "__next__")  # an iterator: consumed as it goes
+    if not one_shot and hasattr(data, "__len__") and len(data) < ngrads:
+        raise ValueError(
+            f"data has {len(data)} batches but each pruning step needs ngrads={ngrads} mini-batch gradients; "
+            "give more data, a smaller ngrads, or collect={'cycle': True} to restart the data "
+            "(nothing was changed)"
+        )
 
 
 # ---------------------------------------------------------------------------------------- public
@@ -350,6 +458,7 @@ def obs_scores(
     curvature: str | Curvature = "fisher",
     collect: Mapping[str, Any] | None = None,
     relative_damp: bool = False,
+    groups: str | Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     r"""OBS saliencies ``rho_q = w_q^2 / (2 [F^{-1}]_qq)`` keyed by parameter name, shaped like each.
 
@@ -373,9 +482,14 @@ def obs_scores(
         collect: extra keyword arguments for :func:`~mfac.collect.collect_grads`.
         relative_damp: read ``damp`` as a multiple of the mean diagonal of ``(1/m) G^T G`` (see
             :class:`~mfac.prune.FisherCurvature`).
+        groups: score whole groups (see :mod:`mfac.prune.groups`: ``"block:4"``, ``"rows"``, label
+            tensors, or ``{name: spec}``): every weight gets its group's ``1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q``.
 
-    Cost: collecting ``m`` gradients + one build ``O(m^2 d)`` + ``diag`` ``O(md)``.
-    Memory: about ``2 m d`` entries (``m = 1024``, ``d = 270k``, float32: 2.2 GB).
+    Cost: collecting ``m`` gradients + one build (``O(m d B)`` streamed for ``block_size <= ngrads``,
+    ``O(m^2 d)`` Woodbury) + ``diag``.
+    Memory: ``block_size <= ngrads``: the streamed blocks, ``d * B * 4`` bytes (float32) plus a chunk of
+    gradients, ``G`` never stored; otherwise about ``2 m d`` entries (``m = 1024``, ``d = 270k``, float32:
+    2.2 GB), checked against the free memory first.
     """
     names = _resolve_names(model, params)
     _check_materialized(model, names)
@@ -384,9 +498,16 @@ def obs_scores(
         curvature, "none", loss_fn, data, ngrads, damp, block_size, collect, relative_damp
     )
     space = ParamSpace.from_module(model, names, masks=keep)
+    labels = None if groups is None else group_labels(dict(space.named_params()), groups)
+    _check_data(source, data)
     source.prepare(model, space)
     w = space.param_vector(masked=True)
-    saliency = source.saliency(w)
+    if labels is None:
+        saliency = source.saliency(w)
+    else:
+        flat = torch.cat([labels[n].reshape(-1) for n in space.names])[space.kept_indices()]
+        _, group = torch.unique(flat.to(w.device), return_inverse=True)
+        saliency = source.group_saliency(w, group)[group]
     source.release()
     return dict(zip(space.names, space.masked_unflatten(saliency, fill=0.0), strict=True))
 
@@ -411,6 +532,7 @@ def prune_oneshot(
     collect: Mapping[str, Any] | None = None,
     progress: bool = False,
     relative_damp: bool = False,
+    groups: str | Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     r"""Prune ``model`` in place with OBS (weights zeroed and updated); return the masks (True = kept).
 
@@ -449,14 +571,25 @@ def prune_oneshot(
         relative_damp: read ``damp`` as a multiple of the Fisher's own scale, the mean diagonal entry of
             ``(1/m) G^T G`` at each (re)computation (see :class:`~mfac.prune.FisherCurvature`): scale-free,
             ``damp=0.1`` to ``1`` is a good start for the joint update.
+        groups: structured OBS: remove whole groups of weights (:mod:`mfac.prune.groups`: ``"block:4"``,
+            oBERT's 4 consecutive input weights; ``"rows"``, output rows/channels; a label tensor per
+            parameter, e.g. attention heads; or ``{name: spec}``). Score ``1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q``;
+            ``"joint"`` removes the union of the chosen groups exactly, ``"independent"`` sums the per-group
+            corrections ``-F^{-1} E_Q ([F^{-1}]_QQ)^{-1} w_Q``. Not with ``pattern``.
 
     Returns:
         ``{name: bool mask}`` of the pruned parameters. Keep them applied while fine-tuning with
         :func:`~mfac.prune.apply_masks`.
 
-    Cost per step: ``m`` gradients + one operator build ``O(m^2 d)`` (two with ``"joint"``) +
-    ``O(md)``.
-    Memory: about ``2 m k`` entries for ``k`` kept weights (float32: ``8 m k`` bytes).
+    Cost per step: ``m`` gradients + one operator build: streamed (``block_size <= ngrads``) ``O(m k B)``
+    and ``O(k B^2)`` for the joint update; Woodbury ``O(m^2 k)`` (two with ``"joint"``) + ``O(mk)``.
+    Memory: ``block_size <= ngrads``: ``k * B * 4`` bytes (float32) plus a chunk of gradients, ``G`` is
+    never stored; otherwise about ``2 m k`` entries for ``k`` kept weights (float32: ``8 m k`` bytes),
+    checked against the free memory before anything is collected.
+
+    Data: a sized ``data`` with fewer than ``ngrads`` batches is refused up front; if the data runs out
+    (a one-shot iterator is consumed step after step) or any step fails, the weights are restored to their
+    values before the call and the error names the step: never a half-pruned model.
     """
     check_update(update)
     names = _resolve_names(model, params)
@@ -468,8 +601,12 @@ def prune_oneshot(
     if pattern is None and not (isinstance(nm_axis, str) and nm_axis == "input"):
         raise ValueError(f"nm_axis={nm_axis!r} applies to N:M pruning only; pass a pattern (e.g. '2:4') too")
     axes = nm_axes(model, names, nm_axis) if pattern is not None else None
-    selectors = _selectors(keep, sparsity, recompute, pattern, scope, axes)
-    return prune_with(model, source, selectors, names, keep, update, progress=progress)
+    labels = None
+    if groups is not None:
+        labels = group_labels({n: writable_parameter(model, n) for n in names}, groups)
+    selectors = _selectors(keep, sparsity, recompute, pattern, scope, axes, labels)
+    _check_data(source, data)
+    return prune_with(model, source, selectors, names, keep, update, progress=progress, labels=labels)
 
 
 class GradualPruner:
@@ -491,7 +628,9 @@ class GradualPruner:
         schedule: a :class:`~mfac.prune.PruningSchedule`.
         optimizers: optimizers to keep from reviving pruned weights.
         **kwargs: the keyword arguments of :func:`prune_oneshot` (``ngrads``, ``damp``, ``block_size``,
-            ``recompute``, ``update``, ``params``, ``scope``, ``curvature``, ...).
+            ``recompute``, ``update``, ``params``, ``scope``, ``curvature``, ``groups``, ...). With
+            ``block_size <= ngrads`` every pruning event streams its gradients (``G`` is never stored); a
+            pruning event that fails leaves the weights and the masks as they were.
 
     Everything the first pruning event would check is checked here, before the model is touched: an
     unknown keyword is a ``TypeError``, a bad value (``damp=-1``, ``recompute=0``, an unknown

