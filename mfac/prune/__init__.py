@@ -23,8 +23,8 @@ from mfac.prune.curvature import (
     IdentityCurvature,
 )
 from mfac.prune.enforce import MaskHandle, apply_masks
-from mfac.prune.layerwise import LAYERWISE_METHODS, LayerReport, prune_layerwise
 from mfac.prune.groups import group_labels, select_groups
+from mfac.prune.layerwise import LAYERWISE_METHODS, LayerReport, prune_layerwise
 from mfac.prune.masks import (
     check_nm,
     mask_sparsity,
