@@ -27,21 +27,23 @@ the paper's code does (its empty rows are zeros), so early steps are close to ``
 from __future__ import annotations
 
 import logging
-import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from mfac.fisher.base import InverseFisher
 from mfac.numerics import (
-    DEFAULT_CHUNK,
     SMALL_DTYPE,
+    DeferredFlags,
     accumulated_matmul,
+    accumulated_matvec,
     allocate,
     check_damp,
     check_finite,
     check_positive_int,
     check_same_placement,
+    read_flags,
     safe_cholesky,
 )
 
@@ -56,6 +58,24 @@ _CANCELLATION_LIMIT = 1e3
 _AVERAGE_OVER = ("seen", "ngrads")
 #: relative residual of ``M c = e_r`` above which the rank-one-updated inverse is refactored.
 _RESIDUAL_TOL = 1e-10
+#: columns per float32 partial product of the window's passes (summed in float64). 32768 columns keep
+#: the per-slab dispatch cost small next to the slab (m rows of 128 KB runs) and the partial sums short.
+WINDOW_CHUNK = 1 << 15
+
+
+@dataclass
+class _Staged:
+    """One step computed but not yet installed (see ``SlidingInverseFisher._stage``)."""
+
+    row: int  # ring index the gradient goes to
+    n: int  # rows stored after the step
+    scale: int  # s after the step
+    saved: torch.Tensor  # the Gram row r before the step, shape (n,)
+    work: torch.Tensor  # the buffer holding the new P, shape (m, m)
+    coeff: torch.Tensor  # M^{-1} e_r for the new window, float64 (n,)
+    flags: torch.Tensor  # [finite, stable, plain]: 0-d bools stacked, on the device
+    fast: bool  # P from the rank-two update (else refactored)
+    jitter: float  # the jitter of the new P
 
 
 class SlidingInverseFisher(InverseFisher):
@@ -69,7 +89,7 @@ class SlidingInverseFisher(InverseFisher):
         device: device of the buffer (``None``: the default device).
         average_over: ``"seen"`` (``s = min(num_seen, m)``, default) or ``"ngrads"`` (``s = m``
             always, the paper's choice); see the module docstring.
-        chunk: columns per float32 partial product of ``G x`` (summed in float64).
+        chunk: columns per float32 partial product of ``G x`` (summed in float64); ``WINDOW_CHUNK``.
 
     Memory: ``m * d * bytes(dtype)`` for the window (e.g. ``m = 1024, d = 1e6`` in float32: 4 GiB),
     plus ``2 * m^2 * 8`` bytes of float64 state. Allocation is eager and fails with the size asked for.
@@ -87,7 +107,7 @@ class SlidingInverseFisher(InverseFisher):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         average_over: Literal["seen", "ngrads"] = "seen",
-        chunk: int = DEFAULT_CHUNK,
+        chunk: int = WINDOW_CHUNK,
     ) -> None:
         check_positive_int(dim, "dim")
         check_positive_int(ngrads, "ngrads")
@@ -104,6 +124,9 @@ class SlidingInverseFisher(InverseFisher):
         self._grads = allocate((ngrads, dim), dtype, device, "gradient window")  # shape: (m, d)
         self._gram = torch.zeros(ngrads, ngrads, dtype=SMALL_DTYPE, device=device)  # G G^T
         self._inv = torch.zeros(ngrads, ngrads, dtype=SMALL_DTYPE, device=device)  # P = M^{-1}
+        self._work = torch.zeros_like(self._inv)  # the next P is built here, then the two swap
+        self._deferred = DeferredFlags()  # checks of an unchecked step, read at the next one
+        self._old_row = torch.empty(dim, dtype=dtype, device=device)  # what a failed step restores
         self._num_seen = 0
         self._since_refactor = 0
         self._jitter = 0.0
@@ -163,6 +186,21 @@ class SlidingInverseFisher(InverseFisher):
         self._num_seen = 0
         self._since_refactor = 0
         self._jitter = 0.0
+        self._deferred = DeferredFlags()
+
+    def set_damp(self, damp: float) -> None:
+        """Change ``damp`` and keep the window: ``P`` is refactored from the Gram matrix, O(m^3).
+
+        Exactly the operator a fresh window with the new ``damp`` would build from the same gradients
+        (the Gram matrix does not depend on ``damp``; only the diagonal shift ``s * damp`` of ``M``
+        changes). Cost: one ``m x m`` Cholesky and inverse; nothing ``d``-sized.
+        """
+        damp = check_damp(damp)
+        if damp == self._damp:
+            return
+        self._damp = damp
+        if self.num_stored:
+            self._refactor()
 
     def update(self, grad: torch.Tensor) -> None:
         """Add ``grad`` (shape ``(d,)``) as the newest gradient, dropping the oldest once full.
@@ -171,86 +209,160 @@ class SlidingInverseFisher(InverseFisher):
         Cost: one pass over the window plus O(m^2) (O(m^3) when refactoring).
         """
         self._check_vector(grad, "grad")
-        self._check_finite_grad(grad)
         self._update(grad)
 
-    def update_mul(self, grad: torch.Tensor) -> torch.Tensor:
+    def update_mul(self, grad: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
         """Add ``grad`` to the window and return ``F^{-1} grad`` for the updated window.
 
         Uses the cancellation-free form ``F^{-1} g_r = s G^T P e_r`` (``g_r`` is in the window), accurate
         to float32 round-off of the two passes even when ``damp`` is tiny. Shape ``(d,) -> (d,)``.
+
+        Host synchronisations: one (the checks below, computed on the device and read together), or none
+        with ``check_finite=False``. ``check_finite=True`` raises ``ValueError`` for a NaN/inf ``grad``
+        (or one whose squared norm overflows) and leaves the window untouched. ``check_finite=False``
+        is for callers that know the gradient is finite (e.g. after a ``GradScaler`` skipped the inf
+        steps): a non-finite ``grad`` then poisons the window until it leaves it; the two numerical
+        checks (stable rank-one update, cancelling float32 sum) are then read one step late, and act
+        at the next step (refactor first; a debug message for a cancelled sum).
         """
         self._check_vector(grad, "grad")
-        self._check_finite_grad(grad)
-        coeff = self._update(grad) * self.scale  # (n,) float64
-        return self._combine_rows(coeff)
+        staged = self._stage(grad)
+        if check_finite:
+            finite, stable, plain = read_flags(staged.flags)
+            if not finite:
+                self._unstage(staged)
+                self._raise_nonfinite(grad)
+        else:
+            self._deferred.stash(staged.flags[1:])
+            stable, plain = True, True
+        coeff = self._commit(staged, grad, stable) * staged.scale
+        return self._combine_rows(coeff, plain if stable else None)
 
-    def _combine_rows(self, coeff: torch.Tensor) -> torch.Tensor:
-        """``G^T coeff`` in the window's dtype, recomputed in float64 when the float32 sum cancels.
+    def _update(self, grad: torch.Tensor) -> torch.Tensor:
+        """Add ``grad`` with the finiteness check: returns ``c = M^{-1} e_r`` (float64, ``(n,)``)."""
+        staged = self._stage(grad)
+        finite, stable, _ = read_flags(staged.flags)
+        if not finite:
+            self._unstage(staged)
+            self._raise_nonfinite(grad)
+        return self._commit(staged, grad, stable)
 
-        The float32 pass has an error of about ``eps * bound`` with ``bound = sum_i |c_i| |g_i|``
-        (``>= |G^T c|``, computed from the Gram diagonal in O(n)). For ordinary windows
-        ``bound / |G^T c|`` is below 10 (measured <= 6.3 on correlated gradients); for (nearly)
-        identical gradients at small damp it reaches 1e6-1e7 and the float32 result is noise. Above
-        ``_CANCELLATION_LIMIT`` the product is redone with the window upcast in ``chunk``-column slabs:
-        about 3 passes instead of 1, only then. One host synchronisation.
-        """
-        n = self.num_stored
-        window = self._grads[:n]
-        out = coeff.to(self._dtype) @ window
-        if self._dtype == SMALL_DTYPE or n == 0:
-            return out
-        bound = coeff.abs() @ self._gram.diagonal()[:n].sqrt()
-        if bool(bound <= _CANCELLATION_LIMIT * torch.linalg.vector_norm(out, dtype=SMALL_DTYPE)):
-            return out
-        logger.debug("update_mul: float32 combination cancels (bound %.3g); redone in float64", bound)
-        for start in range(0, self._dim, self._chunk):
-            sl = slice(start, start + self._chunk)
-            out[sl] = coeff @ window[:, sl].to(SMALL_DTYPE)
-        return out
-
-    def _check_finite_grad(self, grad: torch.Tensor) -> None:
-        """Raise ``ValueError`` if ``grad`` holds NaN/inf (or its squared norm overflows its dtype).
-
-        ``|g|^2`` is non-finite exactly then: one dot product, where ``isfinite(g).all()`` allocates a
-        ``(d,)`` mask (measured 0.03 vs 0.2 ms at d = 1e5). Counting is done only on failure.
-        """
-        if grad.dtype in (torch.float32, torch.float64):
-            square = torch.dot(grad, grad)
-        else:  # half precision: |g|^2 in float32 (float16 overflows at |g| = 256)
-            square = torch.linalg.vector_norm(grad, dtype=torch.float32)
-        if math.isfinite(square.item()):
-            return
+    def _raise_nonfinite(self, grad: torch.Tensor) -> None:
         check_finite(grad, "grad")
         raise ValueError(
             f"grad must be finite: its squared norm overflows {self._dtype}; rescale the loss or use float64"
         )
 
-    def _update(self, grad: torch.Tensor) -> torch.Tensor:
-        """Write ``grad`` into the ring, refresh Gram and ``P``; return ``c = M^{-1} e_r`` (float64, (n,))."""
-        row = self._num_seen % self._m
-        full_before = self._num_seen >= self._m
-        old_scale = self.scale
-        self._grads[row].copy_(grad)
-        self._num_seen += 1
+    def _combine_rows(self, coeff: torch.Tensor, plain: bool | None = True) -> torch.Tensor:
+        """``G^T coeff`` in the window's dtype, recomputed in float64 when the float32 sum cancels.
+
+        The float32 pass has an error of about ``eps * bound`` with ``bound = sum_i |c_i| |g_i|``
+        (``>= |G^T c|``, from the Gram diagonal in O(n)). For ordinary windows ``bound / |G^T c|`` is
+        below 10 (measured <= 6.3 on correlated gradients); for (nearly) identical gradients at small
+        damp it reaches 1e6-1e7 and the float32 result is noise. Above ``_CANCELLATION_LIMIT`` the
+        product is redone with the window upcast in ``chunk``-column slabs: about 3 passes instead of 1,
+        only then. ``plain`` is the verdict computed before the pass from ``|G^T c|^2 = c^T (G G^T) c``
+        (see :meth:`_checks`); ``None`` recomputes it here (one synchronisation, rare paths only).
+        """
         n = self.num_stored
-        col = accumulated_matmul(self._grads[:n], grad.unsqueeze(-1), chunk=self._chunk).squeeze(-1)
+        window = self._grads[:n]
+        if plain is None:
+            plain = self._dtype == SMALL_DTYPE or n == 0 or bool(self._no_cancellation(coeff))
+        if plain:
+            return torch.mv(window.T, coeff.to(self._dtype))
+        logger.debug("update_mul: float32 combination cancels; redone in float64")
+        out = torch.empty(self._dim, dtype=self._dtype, device=self._device)
+        for start in range(0, self._dim, self._chunk):
+            sl = slice(start, start + self._chunk)
+            out[sl] = coeff @ window[:, sl].to(SMALL_DTYPE)
+        return out
+
+    def _no_cancellation(self, coeff: torch.Tensor) -> torch.Tensor:
+        """0-d bool: ``|G^T c| >= bound / _CANCELLATION_LIMIT``, from the Gram matrix, O(n^2).
+
+        ``|G^T c|^2 = c^T (G G^T) c`` exactly; in float64 from the float64-accumulated Gram matrix it is
+        accurate (error ~1e-7 * bound^2) well past the limit's ``bound^2 / 1e6``. NaN compares False.
+        """
+        n = coeff.shape[0]
+        gram = self._gram[:n, :n]
+        bound = coeff.abs() @ gram.diagonal().clamp_min(0.0).sqrt()
+        square = torch.dot(coeff, gram @ coeff)
+        return square >= (bound / _CANCELLATION_LIMIT).square()
+
+    # ------------------------------------------------------------------ the staged step
+    def _stage(self, grad: torch.Tensor) -> _Staged:
+        """Compute everything a step needs without changing the window; the checks stay on the device.
+
+        ``grad`` goes into row ``r`` (the row it replaces is kept in a ``(d,)`` buffer: one copy, what
+        :meth:`_unstage` restores), the Gram column ``G g`` is one pass over the new window (``|g|^2`` at
+        ``r``, computed by the same kernel as the other entries: a window of identical gradients gets an
+        exactly rank-one float Gram matrix), the Gram column is written (its old values saved) and the new
+        ``P`` is built in the spare buffer. Nothing is read on the host.
+        """
+        self._apply_deferred()
+        m = self._m
+        row = self._num_seen % m
+        n = min(self._num_seen + 1, m)
+        scale = m if self._average_over == "ngrads" else n
+        self._old_row.copy_(self._grads[row])
+        self._grads[row].copy_(grad)
+        col = accumulated_matvec(self._grads[:n], grad, chunk=self._chunk)  # col[row] = |g|^2
         self._reduce(col)
+        finite = torch.isfinite(col[row])
+        saved = self._gram[row, :n].clone()
+        col = torch.where(finite, col, 0.0)  # a non-finite column never enters the m x m state
         self._gram[row, :n] = col
         self._gram[:n, row] = col
-        if full_before and self.scale == old_scale and self._since_refactor < self._m:
-            coeff = self._replace_row(row)
-            if coeff is not None:
-                self._since_refactor += 1
-                return coeff
-        self._refactor()
-        return self._refined_column(row)[0]
+        fast = self._num_seen >= m and scale == self.scale and self._since_refactor < m
+        if fast:
+            coeff, stable, work = self._replace_row(row, n)
+            jitter = self._jitter
+        else:
+            coeff, stable, work, jitter = self._refactored(row, n, scale)
+        if self._dtype == SMALL_DTYPE:
+            plain = torch.ones_like(finite)
+        else:
+            plain = self._no_cancellation(coeff * scale)
+        flags = torch.stack([finite, stable, plain])
+        return _Staged(row, n, scale, saved, work, coeff, flags, fast, jitter)
 
-    def _system(self, jitter: float = 0.0) -> torch.Tensor:
+    def _unstage(self, staged: _Staged) -> None:
+        """Undo what :meth:`_stage` wrote (the window row and the Gram row and column ``r``)."""
+        row, n = staged.row, staged.n
+        self._grads[row].copy_(self._old_row)
+        self._gram[row, :n] = staged.saved
+        self._gram[:n, row] = staged.saved
+
+    def _commit(self, staged: _Staged, grad: torch.Tensor, stable: bool) -> torch.Tensor:
+        """Install the new ``P`` and count the step; refactor when the staged one was not stable."""
+        self._num_seen += 1
+        self._inv, self._work = staged.work, self._inv
+        self._jitter = staged.jitter
+        if stable:
+            self._since_refactor = self._since_refactor + 1 if staged.fast else 0
+            return staged.coeff
+        logger.debug("sliding window: rank-one update of P not stable at row %d; refactored", staged.row)
+        self._refactor()
+        return self._refined_column(staged.row, staged.n, self._shift)[0]
+
+    def _apply_deferred(self) -> None:
+        """Act on the checks of the previous unchecked step (``check_finite=False``), read one step late."""
+        flags = self._deferred.take()
+        if flags is None:
+            return
+        stable, plain = flags
+        if not stable and self.num_stored:
+            logger.debug("sliding window: last step's rank-one update was not stable; refactored")
+            self._refactor()
+        if not plain:
+            logger.debug("update_mul: last step's float32 combination cancelled (unchecked step)")
+
+    def _system(self, jitter: float = 0.0, n: int | None = None, scale: int | None = None) -> torch.Tensor:
         """``M = s damp I + G G^T (+ jitter I)`` over the stored rows, float64, shape ``(n, n)``."""
-        n = self.num_stored
+        n = self.num_stored if n is None else n
+        scale = self.scale if scale is None else scale
         system = self._gram[:n, :n].clone()
-        system.diagonal().add_(self.scale * self._damp + jitter)
+        system.diagonal().add_(scale * self._damp + jitter)
         return system
 
     def _factor(self) -> torch.Tensor:
@@ -267,16 +379,31 @@ class SlidingInverseFisher(InverseFisher):
         self._inv[:n, :n] = torch.cholesky_inverse(factor)
         self._since_refactor = 0
 
-    def _refined_column(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _refactored(
+        self, row: int, n: int, scale: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """``P`` refactored into the spare buffer (no jitter); stable iff the Cholesky succeeded.
+
+        A failed factorization (rounding made ``M`` indefinite) reports ``stable = False``; the commit
+        then refactors with :func:`~mfac.numerics.safe_cholesky`, which adds jitter and warns.
+        """
+        factor, info = torch.linalg.cholesky_ex(self._system(0.0, n, scale))
+        work = self._work
+        work.zero_()
+        work[:n, :n] = torch.cholesky_inverse(factor)
+        coeff, rel = self._refined_column(row, n, scale * self._damp, work)
+        return coeff, (info == 0) & torch.isfinite(rel), work, 0.0
+
+    def _refined_column(
+        self, row: int, n: int, shift: float, inv: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``c = M^{-1} e_r`` from ``P`` plus one step of iterative refinement, and the relative residual.
 
         ``r = e_r - M c0`` costs one O(n^2) product; ``c = c0 + P r`` removes most of the error that
         ``P`` carries (the forward error of ``c0`` is up to cond(M) times ``P``'s backward error).
         The residual ``|r| / (|M| |c0|)`` is returned as a 0-d tensor (no host synchronisation here).
         """
-        n = self.num_stored
-        inv = self._inv[:n, :n]
-        shift = self._shift
+        inv = (self._inv if inv is None else inv)[:n, :n]
         c0 = inv[:, row]
         resid = torch.mv(self._gram[:n, :n], c0).add_(c0, alpha=shift).neg_()
         resid[row] += 1.0
@@ -284,32 +411,33 @@ class SlidingInverseFisher(InverseFisher):
         rel = resid.abs().amax() / (norm_m * c0.abs().amax())
         return c0 + inv @ resid, rel
 
-    def _replace_row(self, row: int) -> torch.Tensor | None:
-        """Update ``P = M^{-1}`` for a new row/column ``row`` of ``M`` in O(m^2).
+    def _replace_row(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Build the new ``P = M^{-1}`` for a new row/column ``row`` of ``M`` in O(m^2), in the spare buffer.
 
         Remove: ``P' = P - p p^T / p_rr`` (``p = P e_r``) is the inverse of ``M`` without row/column
         ``row``, embedded with zeros. Add: with ``b`` the new column without its diagonal entry ``v_r``,
         ``u = P' b``, the Schur complement ``sigma = v_r - b^T u`` and ``w = u - e_r``, the new inverse is
-        ``P' + w w^T / sigma``. Returns the refined ``c = M^{-1} e_r``, or ``None`` when a pivot is not
-        clearly positive or the residual of ``c`` is above tolerance (the caller then refactors and
-        overwrites ``P``). All checks are combined into one host synchronisation.
+        ``P' + w w^T / sigma``. Returns the refined ``c = M^{-1} e_r``, the stability verdict (a 0-d
+        bool tensor: both pivots clearly positive and the residual of ``c`` within tolerance; the
+        caller refactors otherwise) and the buffer holding the new ``P``.
         """
-        inv = self._inv
-        p = inv[:, row].clone()
+        shift = self._shift
+        p = self._inv[:, row].clone()
         pivot = p[row]
-        inv.addr_(p / pivot.clamp_min(torch.finfo(inv.dtype).tiny), p, alpha=-1.0)
+        inv = torch.addr(self._inv, p / pivot.clamp_min(torch.finfo(p.dtype).tiny), p, alpha=-1.0,
+                         out=self._work)
         inv[row, :] = 0.0
         inv[:, row] = 0.0
         col = self._gram[:, row].clone()
-        diag = col[row] + self._shift
+        diag = col[row] + shift
         col[row] = 0.0
         u = inv @ col
         sigma = diag - torch.dot(col, u)
         u[row] = -1.0
         inv.addr_(u / sigma.clamp_min(torch.finfo(inv.dtype).tiny), u)
-        coeff, rel = self._refined_column(row)
+        coeff, rel = self._refined_column(row, n, shift, inv)
         stable = (pivot > 0) & (sigma > 1e-13 * diag) & (rel <= _RESIDUAL_TOL)  # NaN compares False
-        return coeff if bool(stable) else None
+        return coeff, stable, inv
 
     # ------------------------------------------------------------------ hooks
     def _check_vector(self, vec: torch.Tensor, name: str) -> None:
