@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SMALL_DTYPE",
     "MFACWarning",
+    "NonFiniteGradientError",
     "NotPositiveDefiniteError",
     "NumericalWarning",
     "accumulated_matmul",
@@ -53,6 +54,10 @@ class MFACWarning(UserWarning):
 
 class NumericalWarning(MFACWarning):
     """A numerical breakdown was detected and recovered from (e.g. a Cholesky needed jitter)."""
+
+
+class NonFiniteGradientError(ValueError):
+    """A gradient given to a window holds NaN or inf (or its squared norm overflows); nothing changed."""
 
 
 class NotPositiveDefiniteError(RuntimeError):

@@ -36,11 +36,11 @@ from mfac.fisher.base import InverseFisher
 from mfac.numerics import (
     SMALL_DTYPE,
     DeferredFlags,
+    NonFiniteGradientError,
     accumulated_matmul,
     accumulated_matvec,
     allocate,
     check_damp,
-    check_finite,
     check_positive_int,
     check_same_placement,
     read_flags,
@@ -248,8 +248,11 @@ class SlidingInverseFisher(InverseFisher):
         return self._commit(staged, grad, stable)
 
     def _raise_nonfinite(self, grad: torch.Tensor) -> None:
-        check_finite(grad, "grad")
-        raise ValueError(
+        """Raise :class:`~mfac.numerics.NonFiniteGradientError` (a ``ValueError``) describing ``grad``."""
+        nan, inf = int(torch.isnan(grad).sum()), int(torch.isinf(grad).sum())
+        if nan or inf:
+            raise NonFiniteGradientError(f"grad must be finite, got {nan} NaN and {inf} inf entries")
+        raise NonFiniteGradientError(
             f"grad must be finite: its squared norm overflows {self._dtype}; rescale the loss or use float64"
         )
 

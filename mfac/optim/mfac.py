@@ -37,7 +37,7 @@ import torch
 from torch.optim import Optimizer
 
 from mfac.fisher.sliding import SlidingInverseFisher
-from mfac.numerics import check_damp, check_positive_int
+from mfac.numerics import NonFiniteGradientError, check_damp, check_positive_int
 from mfac.optim._layout import Layout
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ _PICKLED = (
     "_average_over",
     "save_window",
     "skip_nonfinite",
+    "check_finite",
     "_fisher",
     "_layout",
     "_flat",
@@ -102,6 +103,7 @@ class _MFACBase(Optimizer):
         save_window: bool,
         skip_nonfinite: bool,
         distributed: Any = None,
+        check_finite: bool = True,
     ) -> None:
         check_positive_int(defaults["ngrads"], "ngrads")
         defaults["damp"] = check_damp(defaults["damp"])
@@ -128,6 +130,8 @@ class _MFACBase(Optimizer):
         self.save_window = bool(save_window)
         #: skip steps whose gradient is not finite instead of raising (see the class docstring).
         self.skip_nonfinite = bool(skip_nonfinite)
+        #: check every gradient for NaN/inf (one host synchronisation per step; see the class docstring).
+        self.check_finite = bool(check_finite)
         self._fisher: SlidingInverseFisher | None = None
         self._layout: Layout | None = None
         self._flat: torch.Tensor | None = None  # shape: (d,), the gathered gradient (reused)
@@ -255,13 +259,30 @@ class _MFACBase(Optimizer):
             values[key] = seen.pop()
         ngrads, damp = values["ngrads"], values["damp"]
         fisher = self._fisher
-        if fisher is not None and (fisher.ngrads != ngrads or fisher.damp != damp):
+        if fisher is not None and fisher.ngrads != ngrads:
             raise ValueError(
-                f"ngrads and damp cannot change once the window exists (window: ngrads="
-                f"{fisher.ngrads}, damp={fisher.damp}; param groups: ngrads={ngrads}, "
-                f"damp={damp}); build a new optimizer to change them"
+                f"ngrads cannot change once the window exists (window: ngrads={fisher.ngrads}, "
+                f"param groups: ngrads={ngrads}); build a new optimizer to change it"
             )
+        if fisher is not None and fisher.damp != damp:
+            fisher.set_damp(check_damp(damp))  # O(m^3): the window is kept
+            self.defaults["damp"] = fisher.damp
         return ngrads, damp
+
+    def set_damp(self, damp: float) -> None:
+        """Set ``damp`` (lambda) in every param group; the window is kept, its ``m x m`` state refactored.
+
+        Equivalent to writing ``group["damp"] = damp`` in every group (a damping schedule may do that):
+        the next step refactors ``M = s damp I + G G^T`` from the stored Gram matrix (O(m^3), nothing
+        ``d``-sized), giving exactly the operator a new window with this ``damp`` would build from the
+        same gradients.
+        """
+        damp = check_damp(damp)
+        for group in self.param_groups:
+            group["damp"] = damp
+        self.defaults["damp"] = damp
+        if self._fisher is not None:
+            self._fisher.set_damp(damp)
 
     # ------------------------------------------------------------------ the shared step
     def _local(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -329,6 +350,7 @@ class _MFACBase(Optimizer):
         self._layout = new
         self._flat = torch.empty(new.dim, dtype=new.dtype, device=new.device)
 
+    @torch.compiler.disable  # Python bookkeeping and data-dependent checks: run eagerly under compile
     def _precondition(self) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]] | None:
         """Add the current gradient to the window; return ``(group, param, direction)`` per param.
 
@@ -363,11 +385,18 @@ class _MFACBase(Optimizer):
         decays = [group_of[id(p)]["weight_decay"] for p in layout.params]
         layout.gather(grads, flat, decays)
         dist = self._distributed
-        if not (bool(torch.isfinite(flat).all()) if dist is None else dist.all_finite(flat)):
+        if dist is not None and self.check_finite and not dist.all_finite(flat):
             self._nonfinite(flat)
             return None
         # shape: (d,), as flat (FSDP: this rank's local coordinates; DDP: all, step all-gathered)
-        direction = fisher.update_mul(flat) if dist is None else dist.update_mul(fisher, flat)
+        if dist is not None:
+            direction = dist.update_mul(fisher, flat)
+        else:
+            try:  # the window's own check (|g|^2 on the device, read once with its other checks)
+                direction = fisher.update_mul(flat, check_finite=self.check_finite)
+            except NonFiniteGradientError:
+                self._nonfinite(flat)
+                return None
         self._num_steps += 1
         return [
             (group_of[id(p)], p, layout.scatter(direction, i))
@@ -544,7 +573,9 @@ _COMMON_DOC = r"""
             parameters). All on one device; any real floating dtypes.
         ngrads: ``m``, the window size (the number of recent gradients kept). Global: every group
             must have the same value.
-        damp: ``lambda > 0`` in ``F = damp I + (1/s) G^T G``. Global, like ``ngrads``.
+        damp: ``lambda > 0`` in ``F = damp I + (1/s) G^T G``. Global, like ``ngrads``, but it may
+            change during training (:meth:`set_damp`, or ``group["damp"]`` set in every group, e.g. by a
+            schedule): the window is kept and its ``m x m`` state refactored, O(m^3).
         weight_decay: per group, added as ``weight_decay * w`` to the gradient *before*
             preconditioning (the paper's choice), so the window holds decayed gradients.
         masks: optional ``{parameter: mask}`` of fixed sparsity masks, shaped like the parameter,
@@ -568,6 +599,12 @@ _COMMON_DOC = r"""
             the momentum are left untouched, so the caller may catch it and continue. True: skip the
             step silently (counted in :attr:`num_skipped`, logged at debug level), e.g. under a
             ``torch.amp.GradScaler``, which skips such steps itself.
+        check_finite: True (default): every step checks the gradient for NaN/inf, from ``|g|^2``
+            computed on the device together with the window's numerical checks, read in one host
+            synchronisation per step. False: no check and no synchronisation at all (the numerical
+            checks act one step late); for loops that guarantee finite gradients (a ``GradScaler``
+            only calls ``step`` for finite ones). A non-finite gradient then gives a NaN step and stays
+            in the window for ``ngrads`` steps. Also an attribute.
         distributed: None (default: one process), or a :class:`mfac.distributed.DistributedWindow`
             that shards the window over ``torch.distributed`` ranks (DDP: each rank keeps a slice
             of the coordinates and the step is all-gathered; FSDP2 ``fully_shard``: each rank
@@ -633,6 +670,7 @@ class MFACPreconditioner(_MFACBase):
         save_window: bool = True,
         skip_nonfinite: bool = False,
         distributed: Any = None,
+        check_finite: bool = True,
     ) -> None:
         defaults = {"ngrads": ngrads, "damp": damp, "weight_decay": weight_decay}
         super().__init__(
@@ -644,6 +682,7 @@ class MFACPreconditioner(_MFACBase):
             save_window=save_window,
             skip_nonfinite=skip_nonfinite,
             distributed=distributed,
+            check_finite=check_finite,
         )
 
     def _apply(self, directions: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
@@ -689,6 +728,7 @@ class MFAC(_MFACBase):
         save_window: bool = True,
         skip_nonfinite: bool = False,
         distributed: Any = None,
+        check_finite: bool = True,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -706,6 +746,7 @@ class MFAC(_MFACBase):
             save_window=save_window,
             skip_nonfinite=skip_nonfinite,
             distributed=distributed,
+            check_finite=check_finite,
         )
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
