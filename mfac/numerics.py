@@ -32,12 +32,13 @@ __all__ = [
     "accumulated_matmul",
     "accumulated_matvec",
     "accumulated_sqnorm",
+    "SlabbedMatvec",
     "check_damp",
     "check_finite",
     "check_positive_int",
     "check_same_placement",
     "format_bytes",
-    "read_flags",
+    "read_checks",
     "safe_cholesky",
 ]
 
@@ -177,6 +178,35 @@ def accumulated_matvec(a: torch.Tensor, x: torch.Tensor, *, chunk: int = DEFAULT
     return parts.sum(0, dtype=SMALL_DTYPE)
 
 
+class SlabbedMatvec:
+    """:func:`accumulated_matvec` for a fixed matrix, with its column slabs and the buffer prepared once.
+
+    ``SlabbedMatvec(a, chunk)(x) == accumulated_matvec(a, x, chunk=chunk)``; per call, one ``split`` of
+    ``x`` and one matrix-vector product per slab (the hot loop of a sliding window's step, where the
+    slicing of the matrix would otherwise be redone every step). ``a`` is referenced, not copied: later
+    writes into it are seen.
+    """
+
+    def __init__(self, a: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> None:
+        self.shape = tuple(a.shape)
+        self.chunk = chunk
+        m, d = a.shape
+        self._whole = a.dtype == SMALL_DTYPE or d <= chunk
+        self._a = a
+        if not self._whole:
+            self._slabs = a.split(chunk, dim=1)
+            self._parts = torch.empty(len(self._slabs), m, dtype=a.dtype, device=a.device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``a @ x`` in float64, shape ``(m,)``, for ``x`` of shape ``(d,)``."""
+        if self._whole:
+            return torch.mv(self._a, x).to(SMALL_DTYPE)
+        parts = self._parts
+        for i, (slab, piece) in enumerate(zip(self._slabs, x.split(self.chunk), strict=True)):
+            torch.mv(slab, piece, out=parts[i])
+        return parts.sum(0, dtype=SMALL_DTYPE)
+
+
 def accumulated_sqnorm(x: torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Return ``|x|^2`` of a ``(d,)`` vector as a float64 0-d tensor, without a host synchronisation.
 
@@ -195,17 +225,18 @@ def accumulated_sqnorm(x: torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> torch.
     return total
 
 
-def read_flags(flags: torch.Tensor) -> list[bool]:
-    """Read a small tensor of device-computed checks on the host: the one synchronisation of a step.
+def read_checks(values: torch.Tensor) -> list[float]:
+    """Read a small tensor of device-computed check values on the host: the one synchronisation of a step.
 
-    Every check of an optimizer step (finite gradient, stable rank-one update, no cancellation) is
-    computed on the device and read here together, so a step waits for the device at most once.
+    Every check of an optimizer step (finite gradient, stable rank-two update, no cancellation) is
+    computed on the device as a number whose sign (or finiteness) is the verdict, and all are read here
+    together, so a step waits for the device at most once; the comparisons are then host arithmetic.
     """
-    return [bool(v) for v in flags.tolist()]
+    return values.tolist()
 
 
-class DeferredFlags:
-    """Checks read one step late, without a synchronisation: copied to host memory asynchronously.
+class DeferredChecks:
+    """Check values read one step late, without a synchronisation: copied to host memory asynchronously.
 
     :meth:`stash` starts a non-blocking device-to-host copy (pinned memory and an event on CUDA);
     :meth:`take` returns the values stashed last (waiting, on CUDA, only for that earlier copy, which the
@@ -213,28 +244,30 @@ class DeferredFlags:
     """
 
     def __init__(self) -> None:
-        self._host: torch.Tensor | None = None
+        self._host: torch.Tensor | None = None  # reused (pinned on CUDA)
         self._event: Any = None
+        self._pending = False
 
-    def stash(self, flags: torch.Tensor) -> None:
-        if flags.is_cuda:
-            if self._host is None or self._host.shape != flags.shape:
-                self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            self._host.copy_(flags, non_blocking=True)
+    def stash(self, values: torch.Tensor) -> None:
+        """Start copying ``values`` (a small device tensor) to the host; replaces an unread stash."""
+        if self._host is None or self._host.shape != values.shape or self._host.dtype != values.dtype:
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
+        self._host.copy_(values, non_blocking=values.is_cuda)
+        if values.is_cuda:
             self._event = torch.cuda.Event()
             self._event.record()
-        else:
-            self._host = flags.clone()
-            self._event = None
+        self._pending = True
 
-    def take(self) -> list[bool] | None:
-        host, self._host = self._host, None
-        if host is None:
+    def take(self) -> list[float] | None:
+        """Return the values stashed last (once), or None."""
+        if not self._pending:
             return None
+        self._pending = False
         if self._event is not None:
             self._event.synchronize()
             self._event = None
-        return [bool(v) for v in host.numpy().tolist()]  # a host buffer: no device read
+        assert self._host is not None
+        return self._host.numpy().tolist()  # a host buffer: no device read
 
 
 def safe_cholesky(

@@ -27,6 +27,7 @@ the paper's code does (its empty rows are zeros), so early steps are close to ``
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,15 +36,15 @@ import torch
 from mfac.fisher.base import InverseFisher
 from mfac.numerics import (
     SMALL_DTYPE,
-    DeferredFlags,
+    DeferredChecks,
     NonFiniteGradientError,
+    SlabbedMatvec,
     accumulated_matmul,
-    accumulated_matvec,
     allocate,
     check_damp,
     check_positive_int,
     check_same_placement,
-    read_flags,
+    read_checks,
     safe_cholesky,
 )
 
@@ -73,9 +74,19 @@ class _Staged:
     saved: torch.Tensor  # the Gram row r before the step, shape (n,)
     work: torch.Tensor  # the buffer holding the new P, shape (m, m)
     coeff: torch.Tensor  # M^{-1} e_r for the new window, float64 (n,)
-    flags: torch.Tensor  # [finite, stable, plain]: 0-d bools stacked, on the device
+    checks: torch.Tensor  # [|g|^2, pivot margin, residual margin, cancellation margin], float64
     fast: bool  # P from the rank-two update (else refactored)
     jitter: float  # the jitter of the new P
+
+
+def _verdicts(checks: list[float]) -> tuple[bool, bool, bool]:
+    """``(finite, stable, plain)`` from the host values of ``_Staged.checks`` (NaN compares False).
+
+    finite: ``|g|^2`` is finite (exactly when ``g`` is, unless its norm overflows). stable: the
+    pivot margin is > 0 and the residual margin >= 0. plain: the cancellation margin is >= 0.
+    """
+    square, pivot, residual, cancellation = checks
+    return math.isfinite(square), pivot > 0 and residual >= 0, cancellation >= 0
 
 
 class SlidingInverseFisher(InverseFisher):
@@ -125,11 +136,16 @@ class SlidingInverseFisher(InverseFisher):
         self._gram = torch.zeros(ngrads, ngrads, dtype=SMALL_DTYPE, device=device)  # G G^T
         self._inv = torch.zeros(ngrads, ngrads, dtype=SMALL_DTYPE, device=device)  # P = M^{-1}
         self._work = torch.zeros_like(self._inv)  # the next P is built here, then the two swap
-        self._deferred = DeferredFlags()  # checks of an unchecked step, read at the next one
+        self._deferred = DeferredChecks()  # checks of an unchecked step, read at the next one
         self._old_row = torch.empty(dim, dtype=dtype, device=device)  # what a failed step restores
+        self._slabbed: SlabbedMatvec | None = None  # the prepared G g pass
         self._num_seen = 0
         self._since_refactor = 0
         self._jitter = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the prepared slab views and a pending device-to-host copy are rebuilt, not pickled
+        return {**self.__dict__, "_slabbed": None, "_deferred": DeferredChecks()}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -186,7 +202,7 @@ class SlidingInverseFisher(InverseFisher):
         self._num_seen = 0
         self._since_refactor = 0
         self._jitter = 0.0
-        self._deferred = DeferredFlags()
+        self._deferred = DeferredChecks()
 
     def set_damp(self, damp: float) -> None:
         """Change ``damp`` and keep the window: ``P`` is refactored from the Gram matrix, O(m^3).
@@ -226,26 +242,26 @@ class SlidingInverseFisher(InverseFisher):
         at the next step (refactor first; a debug message for a cancelled sum).
         """
         self._check_vector(grad, "grad")
-        staged = self._stage(grad)
+        staged = self._stage(grad, checked=check_finite)
         if check_finite:
-            finite, stable, plain = read_flags(staged.flags)
+            finite, stable, plain = _verdicts(read_checks(staged.checks))
             if not finite:
                 self._unstage(staged)
                 self._raise_nonfinite(grad)
         else:
-            self._deferred.stash(staged.flags[1:])
+            self._deferred.stash(staged.checks)
             stable, plain = True, True
-        coeff = self._commit(staged, grad, stable) * staged.scale
+        coeff = self._commit(staged, stable) * staged.scale
         return self._combine_rows(coeff, plain if stable else None)
 
     def _update(self, grad: torch.Tensor) -> torch.Tensor:
         """Add ``grad`` with the finiteness check: returns ``c = M^{-1} e_r`` (float64, ``(n,)``)."""
         staged = self._stage(grad)
-        finite, stable, _ = read_flags(staged.flags)
+        finite, stable, _ = _verdicts(read_checks(staged.checks))
         if not finite:
             self._unstage(staged)
             self._raise_nonfinite(grad)
-        return self._commit(staged, grad, stable)
+        return self._commit(staged, stable)
 
     def _raise_nonfinite(self, grad: torch.Tensor) -> None:
         """Raise :class:`~mfac.numerics.NonFiniteGradientError` (a ``ValueError``) describing ``grad``."""
@@ -270,7 +286,7 @@ class SlidingInverseFisher(InverseFisher):
         n = self.num_stored
         window = self._grads[:n]
         if plain is None:
-            plain = self._dtype == SMALL_DTYPE or n == 0 or bool(self._no_cancellation(coeff))
+            plain = self._dtype == SMALL_DTYPE or n == 0 or bool(self._cancellation_margin(coeff) >= 0)
         if plain:
             return torch.mv(window.T, coeff.to(self._dtype))
         logger.debug("update_mul: float32 combination cancels; redone in float64")
@@ -280,54 +296,71 @@ class SlidingInverseFisher(InverseFisher):
             out[sl] = coeff @ window[:, sl].to(SMALL_DTYPE)
         return out
 
-    def _no_cancellation(self, coeff: torch.Tensor) -> torch.Tensor:
-        """0-d bool: ``|G^T c| >= bound / _CANCELLATION_LIMIT``, from the Gram matrix, O(n^2).
+    def _cancellation_margin(
+        self, coeff: torch.Tensor, gram_coeff: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """0-d: ``|G^T c|^2 - (bound / _CANCELLATION_LIMIT)^2``, from the Gram matrix, O(n^2); >= 0: plain.
 
         ``|G^T c|^2 = c^T (G G^T) c`` exactly; in float64 from the float64-accumulated Gram matrix it is
-        accurate (error ~1e-7 * bound^2) well past the limit's ``bound^2 / 1e6``. NaN compares False.
+        accurate (error ~1e-7 * bound^2) well past the limit's ``bound^2 / 1e6``. ``gram_coeff``
+        (``G G^T c``, or that of a vector within round-off of ``c``) saves the O(n^2) product when the
+        caller has it. NaN compares False.
         """
         n = coeff.shape[0]
         gram = self._gram[:n, :n]
         bound = coeff.abs() @ gram.diagonal().clamp_min(0.0).sqrt()
-        square = torch.dot(coeff, gram @ coeff)
-        return square >= (bound / _CANCELLATION_LIMIT).square()
+        square = torch.dot(coeff, gram @ coeff if gram_coeff is None else gram_coeff)
+        return square - (bound / _CANCELLATION_LIMIT).square()
 
     # ------------------------------------------------------------------ the staged step
-    def _stage(self, grad: torch.Tensor) -> _Staged:
-        """Compute everything a step needs without changing the window; the checks stay on the device.
+    def _stage(self, grad: torch.Tensor, checked: bool = True) -> _Staged:
+        """Compute everything a step needs, changing only what :meth:`_unstage` can undo; no host read.
 
-        ``grad`` goes into row ``r`` (the row it replaces is kept in a ``(d,)`` buffer: one copy, what
-        :meth:`_unstage` restores), the Gram column ``G g`` is one pass over the new window (``|g|^2`` at
-        ``r``, computed by the same kernel as the other entries: a window of identical gradients gets an
-        exactly rank-one float Gram matrix), the Gram column is written (its old values saved) and the new
-        ``P`` is built in the spare buffer. Nothing is read on the host.
+        ``grad`` goes into row ``r`` (with ``checked``, the row it replaces is first kept in a ``(d,)``
+        buffer: one copy, what :meth:`_unstage` restores), the Gram column ``G g`` is one pass over the
+        new window (``|g|^2`` at ``r``, computed by the same kernel as the other entries: a window of
+        identical gradients gets an exactly rank-one float Gram matrix), the Gram column is written (its
+        old values saved) and the new ``P`` is built in the spare buffer. The checks are numbers on the
+        device (see :func:`_verdicts`), stacked into one tensor for one read.
         """
         self._apply_deferred()
         m = self._m
         row = self._num_seen % m
         n = min(self._num_seen + 1, m)
         scale = m if self._average_over == "ngrads" else n
-        self._old_row.copy_(self._grads[row])
+        if checked:  # what a failed check restores (an unchecked step cannot fail)
+            self._old_row.copy_(self._grads[row])
         self._grads[row].copy_(grad)
-        col = accumulated_matvec(self._grads[:n], grad, chunk=self._chunk)  # col[row] = |g|^2
+        col = self._gram_pass(n)(grad)  # G g accumulated in float64; col[row] = |g|^2
         self._reduce(col)
-        finite = torch.isfinite(col[row])
-        saved = self._gram[row, :n].clone()
-        col = torch.where(finite, col, 0.0)  # a non-finite column never enters the m x m state
+        square = col[row]
+        if checked:
+            saved = self._gram[row, :n].clone()
+        else:  # nothing is undone: keep a non-finite column out of the m x m state
+            saved = col
+            col = torch.nan_to_num(col, nan=0.0, posinf=0.0, neginf=0.0)
         self._gram[row, :n] = col
         self._gram[:n, row] = col
         fast = self._num_seen >= m and scale == self.scale and self._since_refactor < m
         if fast:
-            coeff, stable, work = self._replace_row(row, n)
+            coeff, margins, work, gram_coeff = self._replace_row(row, n)
             jitter = self._jitter
         else:
-            coeff, stable, work, jitter = self._refactored(row, n, scale)
+            coeff, margins, work, gram_coeff = self._refactored(row, n, scale)
+            jitter = 0.0
         if self._dtype == SMALL_DTYPE:
-            plain = torch.ones_like(finite)
+            plain = torch.ones_like(square)
         else:
-            plain = self._no_cancellation(coeff * scale)
-        flags = torch.stack([finite, stable, plain])
-        return _Staged(row, n, scale, saved, work, coeff, flags, fast, jitter)
+            plain = self._cancellation_margin(coeff, gram_coeff)  # scale-free test
+        checks = torch.cat([square.reshape(1), margins, plain.reshape(1)])
+        return _Staged(row, n, scale, saved, work, coeff, checks, fast, jitter)
+
+    def _gram_pass(self, n: int) -> SlabbedMatvec:
+        """Return the prepared ``G[:n] @ x`` (float64-accumulated slabs), rebuilt when ``n`` changes."""
+        gram_pass = self._slabbed
+        if gram_pass is None or gram_pass.shape[0] != n:
+            gram_pass = self._slabbed = SlabbedMatvec(self._grads[:n], self._chunk)
+        return gram_pass
 
     def _unstage(self, staged: _Staged) -> None:
         """Undo what :meth:`_stage` wrote (the window row and the Gram row and column ``r``)."""
@@ -336,7 +369,7 @@ class SlidingInverseFisher(InverseFisher):
         self._gram[row, :n] = staged.saved
         self._gram[:n, row] = staged.saved
 
-    def _commit(self, staged: _Staged, grad: torch.Tensor, stable: bool) -> torch.Tensor:
+    def _commit(self, staged: _Staged, stable: bool) -> torch.Tensor:
         """Install the new ``P`` and count the step; refactor when the staged one was not stable."""
         self._num_seen += 1
         self._inv, self._work = staged.work, self._inv
@@ -350,10 +383,10 @@ class SlidingInverseFisher(InverseFisher):
 
     def _apply_deferred(self) -> None:
         """Act on the checks of the previous unchecked step (``check_finite=False``), read one step late."""
-        flags = self._deferred.take()
-        if flags is None:
+        values = self._deferred.take()
+        if values is None:
             return
-        stable, plain = flags
+        _, stable, plain = _verdicts(values)
         if not stable and self.num_stored:
             logger.debug("sliding window: last step's rank-one update was not stable; refactored")
             self._refactor()
@@ -384,63 +417,83 @@ class SlidingInverseFisher(InverseFisher):
 
     def _refactored(
         self, row: int, n: int, scale: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        """``P`` refactored into the spare buffer (no jitter); stable iff the Cholesky succeeded.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``P`` refactored into the spare buffer (no jitter); margins > 0 iff the Cholesky succeeded.
 
         A failed factorization (rounding made ``M`` indefinite) reports ``stable = False``; the commit
         then refactors with :func:`~mfac.numerics.safe_cholesky`, which adds jitter and warns.
         """
-        factor, info = torch.linalg.cholesky_ex(self._system(0.0, n, scale))
+        factor, info = torch.linalg.cholesky_ex(self._system(0.0, n, scale))  # info: no host read
         work = self._work
         work.zero_()
         work[:n, :n] = torch.cholesky_inverse(factor)
-        coeff, rel = self._refined_column(row, n, scale * self._damp, work)
-        return coeff, (info == 0) & torch.isfinite(rel), work, 0.0
+        coeff, rel, gram_coeff = self._refined_column(row, n, scale * self._damp, work)
+        ok = torch.where(info == 0, 1.0, -1.0).to(SMALL_DTYPE)
+        return coeff, torch.stack([ok, 0.0 * rel]), work, gram_coeff
 
     def _refined_column(
         self, row: int, n: int, shift: float, inv: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``c = M^{-1} e_r`` from ``P`` plus one step of iterative refinement, and the relative residual.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``c = M^{-1} e_r`` from ``P`` plus one step of iterative refinement, the relative residual.
 
         ``r = e_r - M c0`` costs one O(n^2) product; ``c = c0 + P r`` removes most of the error that
         ``P`` carries (the forward error of ``c0`` is up to cond(M) times ``P``'s backward error).
-        The residual ``|r| / (|M| |c0|)`` is returned as a 0-d tensor (no host synchronisation here).
+        The residual ``|r| / (|M| |c0|)`` is returned as a 0-d tensor (no host synchronisation here),
+        and ``G G^T c0`` (for :meth:`_cancellation_margin`).
         """
-        inv = (self._inv if inv is None else inv)[:n, :n]
-        c0 = inv[:, row]
-        resid = torch.mv(self._gram[:n, :n], c0).add_(c0, alpha=shift).neg_()
+        inv = self._inv if inv is None else inv
+        gram = self._gram
+        if n < self._m:
+            inv, gram = inv[:n, :n], gram[:n, :n]
+        c0 = inv[row]  # P is symmetric: row r is column r, and contiguous
+        gram_c0 = torch.mv(gram, c0)
+        resid = torch.add(gram_c0, c0, alpha=shift).neg_()
         resid[row] += 1.0
-        norm_m = self._gram.diagonal()[:n].amax() + shift
-        rel = resid.abs().amax() / (norm_m * c0.abs().amax())
-        return c0 + inv @ resid, rel
+        scale = (gram.diagonal().amax() + shift) * torch.linalg.vector_norm(c0, math.inf)
+        rel = torch.linalg.vector_norm(resid, math.inf) / scale
+        return torch.addmv(c0, inv, resid), rel, gram_c0
 
-    def _replace_row(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _replace_row(
+        self, row: int, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Build the new ``P = M^{-1}`` for a new row/column ``row`` of ``M`` in O(m^2), in the spare buffer.
 
         Remove: ``P' = P - p p^T / p_rr`` (``p = P e_r``) is the inverse of ``M`` without row/column
         ``row``, embedded with zeros. Add: with ``b`` the new column without its diagonal entry ``v_r``,
-        ``u = P' b``, the Schur complement ``sigma = v_r - b^T u`` and ``w = u - e_r``, the new inverse is
-        ``P' + w w^T / sigma``. Returns the refined ``c = M^{-1} e_r``, the stability verdict (a 0-d
-        bool tensor: both pivots clearly positive and the residual of ``c`` within tolerance; the
-        caller refactors otherwise) and the buffer holding the new ``P``.
+        ``u = P' b = P b - p (p^T b) / p_rr``, the Schur complement ``sigma = v_r - b^T u`` and
+        ``w = u - e_r``, the new inverse is ``P' + w w^T / sigma``. Both corrections are applied as one
+        rank-two product ``P + [p, w] diag(-1/p_rr, 1/sigma) [p, w]^T`` written into the spare buffer,
+        and row/column ``r`` are then set to their exact value ``-w / sigma``: three O(m^2) passes over
+        float64 ``m x m`` data (``P b``, read ``P``, write the new one) instead of five.
+
+        Returns the refined ``c = M^{-1} e_r``, the stability margins (shape ``(2,)``: the smaller of
+        the pivot ``p_rr`` and ``sigma - 1e-13 v_r``, and ``tol - residual``; stable iff both are > 0
+        and >= 0, see :func:`_verdicts`; the caller refactors otherwise), the buffer holding the new
+        ``P`` and ``G G^T c`` (see :meth:`_refined_column`).
         """
+        tiny = torch.finfo(self._inv.dtype).tiny
         shift = self._shift
-        p = self._inv[:, row].clone()
+        inv = self._inv
+        p = inv[row]  # = P e_r (P is symmetric; row r is contiguous); inv is only read below
         pivot = p[row]
-        inv = torch.addr(self._inv, p / pivot.clamp_min(torch.finfo(p.dtype).tiny), p, alpha=-1.0,
-                         out=self._work)
-        inv[row, :] = 0.0
-        inv[:, row] = 0.0
-        col = self._gram[:, row].clone()
-        diag = col[row] + shift
-        col[row] = 0.0
-        u = inv @ col
-        sigma = diag - torch.dot(col, u)
-        u[row] = -1.0
-        inv.addr_(u / sigma.clamp_min(torch.finfo(inv.dtype).tiny), u)
-        coeff, rel = self._refined_column(row, n, shift, inv)
-        stable = (pivot > 0) & (sigma > 1e-13 * diag) & (rel <= _RESIDUAL_TOL)  # NaN compares False
-        return coeff, stable, inv
+        b = self._gram[:, row].clone()
+        diag = b[row] + shift
+        b[row] = 0.0
+        u = torch.mv(inv, b)  # P b
+        pb = torch.dot(p, b)
+        u.sub_(p * (pb / pivot.clamp_min(tiny)))  # P' b
+        sigma = diag - torch.dot(b, u)
+        u[row] = -1.0  # w
+        inv_sigma = 1.0 / sigma.clamp_min(tiny)
+        left = torch.stack([p, u], dim=1)  # (m, 2)
+        right = torch.stack([p / -pivot.clamp_min(tiny), u * inv_sigma], dim=0)  # (2, m)
+        work = torch.addmm(inv, left, right, out=self._work)
+        edge = u * -inv_sigma
+        work[row, :] = edge
+        work[:, row] = edge
+        coeff, rel, gram_coeff = self._refined_column(row, n, shift, work)
+        margins = torch.stack([torch.minimum(pivot, sigma - 1e-13 * diag), _RESIDUAL_TOL - rel])
+        return coeff, margins, work, gram_coeff
 
     # ------------------------------------------------------------------ hooks
     def _check_vector(self, vec: torch.Tensor, name: str) -> None:
