@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from experiments._measure import current_rss, peak_rss, reset_peak
+from experiments._measure import current_rss, elapsed, peak_rss, reset_peak, time_interleaved
 from experiments._paper_reference import (
     PaperSlidingWindow,
     diag_rowloop,
@@ -140,36 +140,6 @@ class GradientGenerator:
     def rows(self, n: int, seed: int, dtype: torch.dtype = DTYPE) -> torch.Tensor:
         """``n`` fresh gradients, shape ``(n, d)``."""
         return self.fill(torch.empty(n, self.d, dtype=dtype), seed)
-
-
-# ====================================================================== timing
-def _elapsed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-                     warmup_fns: dict[str, Callable[[], Any]] | None = None) -> dict[str, dict]:
-    """Time each function ``repeats`` times, round-robin with a rotating start, after warm-up calls.
-
-    ``warmup_fns`` (if given) replaces the functions for the warm-up (e.g. a smaller size of the same
-    code path when the real one takes tens of seconds). Returns ``{name: {"median", "min", "times"}}``.
-    """
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            (warmup_fns or fns)[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeats):
-        k = rep % len(names)
-        for name in names[k:] + names[:k]:
-            times[name].append(_elapsed(fns[name]))
-    return {name: _summary(ts) for name, ts in times.items()}
-
-
-def _summary(ts: list[float]) -> dict:
-    return {"median": statistics.median(ts), "min": min(ts), "times": ts}
 
 
 # ====================================================================== helpers
@@ -313,7 +283,7 @@ def run_sliding(ctx: Context, m: int, d: int, grads_out: list) -> dict:
         state = op.state_dict()
         state["since_refactor"] = m
         op.load_state_dict(state)
-        refactor.append(_elapsed(ours))
+        refactor.append(elapsed(ours))
     row["refactor_step_s"] = statistics.median(refactor)
     row["refactor_amortized_ratio"] = (
         row["ours_s"] + (row["refactor_step_s"] - row["ours_s"]) / m
