@@ -132,12 +132,11 @@ class SlidingInverseFisher(InverseFisher):
         self._m = ngrads
         self._average_over = average_over
         self._chunk = check_positive_int(chunk, "chunk")
-        self._grads = allocate((ngrads, dim), dtype, device, "gradient window")  # shape: (m, d)
+        self._allocate_rows()
         self._gram = torch.zeros(ngrads, ngrads, dtype=SMALL_DTYPE, device=device)  # G G^T
         self._inv = torch.zeros(ngrads, ngrads, dtype=SMALL_DTYPE, device=device)  # P = M^{-1}
         self._work = torch.zeros_like(self._inv)  # the next P is built here, then the two swap
         self._deferred = DeferredChecks()  # checks of an unchecked step, read at the next one
-        self._old_row = torch.empty(dim, dtype=dtype, device=device)  # what a failed step restores
         self._slabbed: SlabbedMatvec | None = None  # the prepared G g pass
         self._num_seen = 0
         self._since_refactor = 0
@@ -196,7 +195,7 @@ class SlidingInverseFisher(InverseFisher):
     # ------------------------------------------------------------------ updates
     def reset(self) -> None:
         """Empty the window (``F^{-1}`` becomes ``I / damp``); keeps the allocations."""
-        self._grads.zero_()
+        self._clear_rows()
         self._gram.zero_()
         self._inv.zero_()
         self._num_seen = 0
@@ -284,17 +283,12 @@ class SlidingInverseFisher(InverseFisher):
         (see :meth:`_checks`); ``None`` recomputes it here (one synchronisation, rare paths only).
         """
         n = self.num_stored
-        window = self._grads[:n]
         if plain is None:
             plain = self._dtype == SMALL_DTYPE or n == 0 or bool(self._cancellation_margin(coeff) >= 0)
         if plain:
-            return torch.mv(window.T, coeff.to(self._dtype))
+            return self._combination(coeff)
         logger.debug("update_mul: float32 combination cancels; redone in float64")
-        out = torch.empty(self._dim, dtype=self._dtype, device=self._device)
-        for start in range(0, self._dim, self._chunk):
-            sl = slice(start, start + self._chunk)
-            out[sl] = coeff @ window[:, sl].to(SMALL_DTYPE)
-        return out
+        return self._combination_float64(coeff)
 
     def _cancellation_margin(
         self, coeff: torch.Tensor, gram_coeff: torch.Tensor | None = None
@@ -328,10 +322,9 @@ class SlidingInverseFisher(InverseFisher):
         row = self._num_seen % m
         n = min(self._num_seen + 1, m)
         scale = m if self._average_over == "ngrads" else n
-        if checked:  # what a failed check restores (an unchecked step cannot fail)
-            self._old_row.copy_(self._grads[row])
-        self._grads[row].copy_(grad)
-        col = self._gram_pass(n)(grad)  # G g accumulated in float64; col[row] = |g|^2
+        new_row = self._new_row(grad)
+        self._write_row(row, new_row, checked)  # checked: keep what a failed check restores
+        col = self._row_products(new_row, n)  # G g accumulated in float64; col[row] = |g|^2
         self._reduce(col)
         square = col[row]
         if checked:
@@ -365,7 +358,7 @@ class SlidingInverseFisher(InverseFisher):
     def _unstage(self, staged: _Staged) -> None:
         """Undo what :meth:`_stage` wrote (the window row and the Gram row and column ``r``)."""
         row, n = staged.row, staged.n
-        self._grads[row].copy_(self._old_row)
+        self._restore_row(row)
         self._gram[row, :n] = staged.saved
         self._gram[:n, row] = staged.saved
 
@@ -507,11 +500,10 @@ class SlidingInverseFisher(InverseFisher):
         n = self.num_stored
         if n == 0:
             return x / self._damp
-        window = self._grads[:n]
-        proj = accumulated_matmul(window, x.T, chunk=self._chunk)  # (n, k) float64
+        proj = self._products(x.T)  # (n, k) float64
         self._reduce(proj)
         coeff = (self._inv[:n, :n] @ proj).to(self._dtype)  # (n, k)
-        return torch.addmm(x, coeff.T, window, alpha=-1.0).div_(self._damp)
+        return self._subtract_combination(x, coeff).div_(self._damp)
 
     def _diag(self) -> torch.Tensor:
         n = self.num_stored
@@ -522,7 +514,7 @@ class SlidingInverseFisher(InverseFisher):
         factor = factor.to(self._dtype)
         for start in range(0, self._dim, self._chunk):
             sl = slice(start, start + self._chunk)
-            q = torch.linalg.solve_triangular(factor, self._grads[:n, sl], upper=False)
+            q = torch.linalg.solve_triangular(factor, self._columns(sl), upper=False)
             out[sl] -= q.square().sum(0) / self._damp
         return out
 
@@ -531,9 +523,68 @@ class SlidingInverseFisher(InverseFisher):
         same = (idx[:, None] == idx[None, :]).to(self._dtype)
         if n == 0:
             return same / self._damp
-        cols = self._grads[:n, idx].to(SMALL_DTYPE)  # (n, s)
+        cols = self._columns(idx).to(SMALL_DTYPE)  # (n, s)
         inner = cols.T @ self._inv[:n, :n] @ cols
         return (same - inner.to(self._dtype)) / self._damp
+
+    # ------------------------------------------------------------------ storage hooks
+    # The only places that touch the stored rows. A variant with another storage (compressed rows:
+    # mfac.fisher.compressed) overrides these and inherits all the m x m algebra above.
+    def _allocate_rows(self) -> None:
+        """Allocate the row storage for ``m`` rows of ``d`` coordinates (called by ``__init__``)."""
+        self._grads = allocate((self._m, self._dim), self._dtype, self._device, "gradient window")
+        self._old_row = torch.empty(self._dim, dtype=self._dtype, device=self._device)  # for _unstage
+
+    def _clear_rows(self) -> None:
+        """Zero every stored row (``reset``)."""
+        self._grads.zero_()
+
+    def _new_row(self, grad: torch.Tensor) -> Any:
+        """Return the row to store for a validated gradient: ``grad`` itself."""
+        return grad
+
+    def _write_row(self, row: int, grad: Any, keep_old: bool) -> None:
+        """Store :meth:`_new_row`'s result in ring slot ``row`` (``keep_old``: for :meth:`_restore_row`)."""
+        if keep_old:
+            self._old_row.copy_(self._grads[row])
+        self._grads[row].copy_(grad)
+
+    def _restore_row(self, row: int) -> None:
+        """Undo the last :meth:`_write_row` made with ``keep_old`` (a step that failed its checks)."""
+        self._grads[row].copy_(self._old_row)
+
+    def _row_products(self, grad: Any, n: int) -> torch.Tensor:
+        """``G g`` over the first ``n`` rows (the new one included), float64, shape ``(n,)``."""
+        return self._gram_pass(n)(grad)
+
+    def _products(self, cols: torch.Tensor) -> torch.Tensor:
+        """``G cols`` over the stored rows, float64: ``cols`` ``(d, k)`` -> ``(n, k)``."""
+        return accumulated_matmul(self._grads[: self.num_stored], cols, chunk=self._chunk)
+
+    def _combination(self, coeff: torch.Tensor) -> torch.Tensor:
+        """``G^T coeff`` in the window's dtype: ``coeff`` float64 ``(n,)`` -> ``(d,)``."""
+        return torch.mv(self._grads[: self.num_stored].T, coeff.to(self._dtype))
+
+    def _combination_float64(self, coeff: torch.Tensor) -> torch.Tensor:
+        """``G^T coeff`` computed in float64 (the window upcast ``chunk`` columns at a time)."""
+        window = self._grads[: self.num_stored]
+        out = torch.empty(self._dim, dtype=self._dtype, device=self._device)
+        for start in range(0, self._dim, self._chunk):
+            sl = slice(start, start + self._chunk)
+            out[sl] = coeff @ window[:, sl].to(SMALL_DTYPE)
+        return out
+
+    def _subtract_combination(self, x: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+        """``x - coeff^T G`` (new tensor): ``x`` ``(k, d)``, ``coeff`` ``(n, k)``, the window's dtype."""
+        return torch.addmm(x, coeff.T, self._grads[: self.num_stored], alpha=-1.0)
+
+    def _columns(self, cols: slice | torch.Tensor) -> torch.Tensor:
+        """Columns ``G[:, cols]`` of the stored rows, dense, shape ``(n, len(cols))``."""
+        return self._grads[: self.num_stored, cols]
+
+    def _rows_state(self) -> dict[str, torch.Tensor]:
+        """Return the row storage as named tensors (checkpoints copy into them in place)."""
+        return {"grads": self._grads}
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -546,7 +597,7 @@ class SlidingInverseFisher(InverseFisher):
             "num_seen": self._num_seen,
             "since_refactor": self._since_refactor,
             "jitter": self._jitter,
-            "grads": self._grads,
+            **self._rows_state(),
             "gram": self._gram,
             "inv": self._inv,
         }
@@ -562,12 +613,14 @@ class SlidingInverseFisher(InverseFisher):
                 raise KeyError(f"state_dict is missing {key!r}")
             if state[key] != mine:
                 raise ValueError(f"state_dict has {key}={state[key]!r}, this operator {key}={mine!r}")
-        for key, mine in (("grads", self._grads), ("gram", self._gram), ("inv", self._inv)):
+        rows = self._rows_state()
+        for key, mine in (*rows.items(), ("gram", self._gram), ("inv", self._inv)):
             if tuple(state[key].shape) != tuple(mine.shape):
                 raise ValueError(
                     f"state_dict[{key!r}] has shape {tuple(state[key].shape)}, expected {tuple(mine.shape)}"
                 )
-        self._grads.copy_(state["grads"])
+        for key, mine in rows.items():
+            mine.copy_(state[key])
         self._gram.copy_(state["gram"])
         self._inv.copy_(state["inv"])
         self._num_seen = int(state["num_seen"])
