@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 from torch.optim import Optimizer
 
+from mfac.fisher.compressed import CompressedSlidingInverseFisher, check_density
 from mfac.fisher.sliding import SlidingInverseFisher
 from mfac.numerics import NonFiniteGradientError, check_damp, check_positive_int
 from mfac.optim._layout import Layout
@@ -66,6 +67,7 @@ _PICKLED = (
     "_masks",
     "_pruned",
     "_distributed",
+    "_density",
 )
 
 
@@ -104,6 +106,7 @@ class _MFACBase(Optimizer):
         skip_nonfinite: bool,
         distributed: Any = None,
         check_finite: bool = True,
+        density: float | None = None,
     ) -> None:
         check_positive_int(defaults["ngrads"], "ngrads")
         defaults["damp"] = check_damp(defaults["damp"])
@@ -126,6 +129,14 @@ class _MFACBase(Optimizer):
             )
         #: the window's placement over torch.distributed ranks (None: one process).
         self._distributed = distributed
+        density = check_density(density)
+        #: kept fraction of each gradient in a compressed window (None: the dense window).
+        self._density = None if density == 1.0 else density
+        if self._density is not None and distributed is not None:
+            raise ValueError(
+                f"density={density} (a compressed window) cannot be combined with distributed: "
+                "the compressed window is not sharded; use density=None with distributed"
+            )
         #: leave the m x d window out of :meth:`state_dict` (see the class docstring).
         self.save_window = bool(save_window)
         #: skip steps whose gradient is not finite instead of raising (see the class docstring).
@@ -300,6 +311,11 @@ class _MFACBase(Optimizer):
                 layout.dim, ngrads, damp, params=layout.params, dtype=layout.dtype,
                 device=layout.device, average_over=self._average_over,
             )
+        if self._density is not None:
+            return CompressedSlidingInverseFisher(
+                layout.dim, ngrads, damp, density=self._density, dtype=layout.dtype,
+                device=layout.device, average_over=self._average_over,
+            )
         return SlidingInverseFisher(
             layout.dim,
             ngrads,
@@ -336,15 +352,23 @@ class _MFACBase(Optimizer):
             new = Layout(active, self._masks, layout.dtype, layout.device)
             assert self._fisher is not None
             state = self._fisher.state_dict()
-            grads = torch.zeros(ngrads, new.dim, dtype=layout.dtype, device=layout.device)
             position = {id(s.param): s for s in new.slots}
-            for slot in layout.slots:
-                target = position[id(slot.param)]
-                grads[:, target.offset : target.offset + target.size] = state["grads"][
-                    :, slot.offset : slot.offset + slot.size
-                ]
             fisher = self._new_fisher(new, ngrads, damp)
-            fisher.load_state_dict({**state, "dim": new.dim, "grads": grads})
+            if isinstance(fisher, CompressedSlidingInverseFisher):
+                moved = torch.cat([
+                    torch.arange(position[id(s.param)].offset, position[id(s.param)].offset + s.size)
+                    for s in layout.slots
+                ])
+                state = fisher.remap_state(state, moved, new.dim, fisher.row_size)
+            else:
+                grads = torch.zeros(ngrads, new.dim, dtype=layout.dtype, device=layout.device)
+                for slot in layout.slots:
+                    target = position[id(slot.param)]
+                    grads[:, target.offset : target.offset + target.size] = state["grads"][
+                        :, slot.offset : slot.offset + slot.size
+                    ]
+                state = {**state, "dim": new.dim, "grads": grads}
+            fisher.load_state_dict(state)
             self._fisher = fisher
             logger.debug("M-FAC window grown from %d to %d coordinates", layout.dim, new.dim)
         self._layout = new
@@ -458,6 +482,7 @@ class _MFACBase(Optimizer):
             "masks": {position[id(p)]: m for p, m in self._masks.items()},
             "active": None if layout is None else [position[id(p)] for p in layout.params],
             "window_dtype": None if layout is None else layout.dtype,
+            "density": self._density,
             "fisher": fisher.state_dict() if fisher is not None and self.save_window else None,
         }
 
@@ -536,6 +561,11 @@ class _MFACBase(Optimizer):
                 f"{sorted(theirs)}, this optimizer has masks on {sorted(mine)} (or different "
                 "values); build the optimizer with the same masks as the one that was saved"
             )
+        if glob.get("density") != self._density:
+            raise ValueError(
+                f"the checkpoint was saved with density={glob.get('density')!r}, this optimizer "
+                f"has density={self._density!r}; build the optimizer with the saved density"
+            )
         counters = int(glob["num_steps"]), int(glob["num_skipped"])
         if glob["active"] is None:
             return None, None, *counters
@@ -612,6 +642,14 @@ _COMMON_DOC = r"""
             ``step`` and ``load_state_dict`` become collectives, ``state_dict`` holds this rank's
             part (save it per rank: :func:`mfac.distributed.save_sharded`). Every parameter must
             have a gradient at the first step (the window cannot grow); no masks with FSDP.
+        density: None (default: the dense window) or the kept fraction in (0, 1] of each gradient
+            for a compressed window (EFCP: error feedback + top-k per block of 4096 coordinates,
+            :class:`mfac.fisher.compressed.CompressedSlidingInverseFisher`): the step adds the
+            gradient to an accumulator ``e``, stores its ``k ~ density * d`` largest entries as
+            values + int32 indices, keeps the rest in ``e`` and returns ``F'^{-1} g'`` for the sent
+            part ``g'``. Memory ``m k 8 + d 4`` bytes instead of ``m d 4`` (density 0.01, m = 256:
+            1/42), cost O(m k + d) per step. ``1.0`` is the dense window (the same code path).
+            Global; not with ``distributed``. The checkpoint carries ``e`` and the sparse rows.
 
     Parameters and gradients:
         * The window's coordinate set is the parameters that have a gradient at the first step,
@@ -671,6 +709,7 @@ class MFACPreconditioner(_MFACBase):
         skip_nonfinite: bool = False,
         distributed: Any = None,
         check_finite: bool = True,
+        density: float | None = None,
     ) -> None:
         defaults = {"ngrads": ngrads, "damp": damp, "weight_decay": weight_decay}
         super().__init__(
@@ -683,6 +722,7 @@ class MFACPreconditioner(_MFACBase):
             skip_nonfinite=skip_nonfinite,
             distributed=distributed,
             check_finite=check_finite,
+            density=density,
         )
 
     def _apply(self, directions: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
@@ -729,6 +769,7 @@ class MFAC(_MFACBase):
         skip_nonfinite: bool = False,
         distributed: Any = None,
         check_finite: bool = True,
+        density: float | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -747,6 +788,7 @@ class MFAC(_MFACBase):
             skip_nonfinite=skip_nonfinite,
             distributed=distributed,
             check_finite=check_finite,
+            density=density,
         )
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
