@@ -263,9 +263,13 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
 
     def _scatter_rows(self, coeff: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out += coeff^T G'`` for ``coeff`` ``(n, q)`` and ``out`` ``(q, d)``, in ``out``'s dtype."""
-        n = self.num_stored
+        n, q = self.num_stored, out.shape[0]
         source = coeff.to(out.dtype).T[:, :, None] * self._values[:n].to(out.dtype)  # (q, n, k)
-        return out.index_add_(1, self._indices[:n].view(-1), source.reshape(out.shape[0], -1))
+        index = self._indices[:n].view(-1)
+        if q > 1:  # one 1-D index_add_ over all q rows (along dim 1 it is ~100x slower, measured)
+            index = (index[None, :] + self._dim * torch.arange(q, device=self._device)[:, None]).view(-1)
+        out.view(-1).index_add_(0, index, source.view(-1))
+        return out
 
     def _combination(self, coeff: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(1, self._dim, dtype=self._dtype, device=self._device)
