@@ -268,7 +268,7 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         index = self._indices[:n].view(-1)
         if q > 1:  # one 1-D index_add_ over all q rows (along dim 1 it is ~100x slower, measured)
             index = (index[None, :] + self._dim * torch.arange(q, device=self._device)[:, None]).view(-1)
-        out.view(-1).index_add_(0, index, source.view(-1))
+        out.view(-1).index_add_(0, index, source.reshape(-1))
         return out
 
     def _combination(self, coeff: torch.Tensor) -> torch.Tensor:
