@@ -280,7 +280,7 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         out.copy_(self._scatter_rows(coeff[:, None], exact).squeeze(0))
 
     def _subtract_combination(self, x: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
-        return self._scatter_rows(-coeff, x.clone())
+        return self._scatter_rows(-coeff, x.clone(memory_format=torch.contiguous_format))
 
     def _columns(self, cols: slice | torch.Tensor) -> torch.Tensor:
         """Dense ``G'[:, cols]``: O(n k) for a slice, O(n k + d) for an index tensor."""
