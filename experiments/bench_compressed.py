@@ -52,7 +52,6 @@ def _rows(m: int, d: int, density: float, seed: int = 0) -> tuple[torch.Tensor, 
 
 def kernels(m: int, d: int, density: float, repeats: int) -> list[str]:
     values, indices, k = _rows(m, d, density)
-    long_idx = indices.long()
     flat_idx = indices.view(-1)
     g, c = torch.randn(d), torch.randn(m, dtype=torch.float64)
     dense = torch.randn(m, d)
@@ -65,19 +64,19 @@ def kernels(m: int, d: int, density: float, repeats: int) -> list[str]:
         out = torch.zeros(d)
         return out.index_add_(0, flat_idx, (c.float()[:, None] * values).view(-1))
 
-    def scatter_add():
+    def scatter_add():  # needs int64 indices: the conversion of the int32 storage is part of it
         out = torch.zeros(d)
-        return out.scatter_add_(0, long_idx.view(-1), (c.float()[:, None] * values).view(-1))
+        return out.scatter_add_(0, flat_idx.long(), (c.float()[:, None] * values).view(-1))
 
     def scatter_bincount():
-        return torch.bincount(long_idx.view(-1), (c[:, None] * values).view(-1), minlength=d)
+        return torch.bincount(flat_idx.long(), (c[:, None] * values).view(-1), minlength=d)
 
     fns = {
         "floor: G @ g + G^T c (dense window)": lambda: (dense @ g, c.float() @ dense),
         "gram row: CSR mat-vec (kept)": lambda: csr @ g,
         "gram row: index_select + mul + sum(float64)": lambda: (
             torch.index_select(g, 0, flat_idx).view(m, k) * values).sum(1, dtype=torch.float64),
-        "gram row: gather + bmm": lambda: torch.bmm(g[long_idx].unsqueeze(1), values.unsqueeze(-1)),
+        "gram row: gather + bmm": lambda: torch.bmm(g[indices.long()].unsqueeze(1), values.unsqueeze(-1)),
         "G^T c: index_add_ (kept)": scatter_index_add,
         "G^T c: scatter_add_": scatter_add,
         "G^T c: bincount (float64 weights)": scatter_bincount,

@@ -150,7 +150,7 @@ def test_cancelling_combination_is_redone_in_float64(caplog, monkeypatch):
         op.update(g * (1 + 1e-6))
         assert op.error.abs().max() == 0  # rows are g and g (1 + 1e-6), exactly as float32
         rows = _explicit_rows(op)
-        return rel_err(op._combine_rows(coeff), coeff @ rows)
+        return rel_err(op._combine_rows(coeff, None), coeff @ rows)  # None: check the bound here
 
     with caplog.at_level("DEBUG", logger="mfac.fisher.sliding"):
         guarded = error()
@@ -206,15 +206,23 @@ def test_checkpoint_mismatches_are_refused_before_anything_changes():
         b.load_state_dict(dense.state_dict())
 
 
-def test_nonfinite_gradient_leaves_the_accumulator_untouched():
+@pytest.mark.parametrize("bad_entries", [1, 10])  # 10 > the 4 a block sends: NaN still ranks first
+def test_nonfinite_gradient_leaves_window_and_accumulator_untouched(bad_entries):
     op = _window()
-    op.update(_stream(200, 1)[0])
-    error, gram = op.error.clone(), op._gram.clone()
-    bad = torch.zeros(200, dtype=F64)
-    bad[3] = math.inf
+    grads = _stream(200, 9)
+    for g in grads[:7]:  # the ring has wrapped: the bad step would overwrite a stored row
+        op.update(g)
+    twin = copy.deepcopy(op)
+    state = copy.deepcopy(op.state_dict())
+    bad = grads[7].clone()
+    bad[40 : 40 + bad_entries] = math.nan
+    bad[100] = math.inf
     with pytest.raises(ValueError, match="grad must be finite"):
         op.update_mul(bad)
-    assert torch.equal(op.error, error) and torch.equal(op._gram, gram) and op.num_seen == 1
+    for key in ("values", "indices", "error", "gram", "inv"):
+        assert torch.equal(op.state_dict()[key], state[key]), key
+    assert op.num_seen == 7
+    assert torch.equal(op.update_mul(grads[8]), twin.update_mul(grads[8]))
 
 
 def test_memory_is_values_indices_and_accumulator():

@@ -202,6 +202,7 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         return row.values, row.indices, row.residual
 
     def _new_row(self, grad: torch.Tensor) -> _SparseRow:
+        self._old_error = self._error  # drop the previous step's (a restore only follows its own write)
         acc = self._error + grad
         idx = self._select(acc)
         kept = acc[idx]
@@ -220,6 +221,9 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         self._values = allocate(shape, self._values_dtype, self._device, "compressed window values")
         self._indices = allocate(shape, _INDEX_DTYPE, self._device, "compressed window indices")
         self._error = allocate((self._dim,), self._dtype, self._device, "error-feedback accumulator")
+        self._old_error = self._error
+        self._old_values = torch.empty(self._k, dtype=self._values_dtype, device=self._device)
+        self._old_indices = torch.empty(self._k, dtype=_INDEX_DTYPE, device=self._device)
         # CSR row pointers: each stored row split into segments of at most `chunk` entries.
         self._segments = max(1, math.ceil(self._k / self._chunk))
         bounds = [min(self._k, j * self._chunk) for j in range(self._segments)]
@@ -234,16 +238,28 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         self._error.zero_()
 
     def _write_row(self, row: int, grad: _SparseRow) -> None:
+        # what _restore_row needs: the old row (k values + k indices) and the old accumulator, kept by
+        # reference (the new accumulator is the fresh `residual` tensor: no d-sized copy)
+        self._old_values.copy_(self._values[row])
+        self._old_indices.copy_(self._indices[row])
+        self._old_error = self._error
         self._values[row].copy_(grad.values)
         self._indices[row].copy_(grad.indices)
-        self._error.copy_(grad.residual)
+        self._error = grad.residual
 
-    def _row_products(self, grad: _SparseRow) -> torch.Tensor:
-        return self._products(grad.dense.unsqueeze(-1)).squeeze(-1)
+    def _restore_row(self, row: int) -> None:
+        self._values[row].copy_(self._old_values)
+        self._indices[row].copy_(self._old_indices)
+        self._error = self._old_error
 
-    def _csr(self) -> torch.Tensor:
-        """Return the stored rows as an ``(n * segments, d)`` CSR matrix (views of the storage, no copy)."""
-        n, seg = self.num_stored, self._segments
+    def _row_products(self, grad: _SparseRow, n: int) -> torch.Tensor:
+        # |g'|^2 at the new row is non-finite iff the accumulator e + g is: torch.topk ranks NaN and inf
+        # first, so a block holding one always sends one (the window's finiteness check stays exact).
+        return self._products(grad.dense.unsqueeze(-1), n).squeeze(-1)
+
+    def _csr(self, n: int) -> torch.Tensor:
+        """Return the first ``n`` rows as an ``(n * segments, d)`` CSR matrix (views of the storage)."""
+        seg = self._segments
         values = self._values[:n].view(-1)
         if values.dtype != self._dtype:
             values = values.to(self._dtype)
@@ -254,11 +270,11 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
                 size=(n * seg, self._dim), check_invariants=False,
             )
 
-    def _products(self, cols: torch.Tensor) -> torch.Tensor:
-        n = self.num_stored
+    def _products(self, cols: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        n = self.num_stored if n is None else n
         if n == 0:
             return torch.zeros(0, cols.shape[1], dtype=SMALL_DTYPE, device=self._device)
-        partial = self._csr() @ cols.contiguous()  # (n * segments, q), sums of <= chunk products
+        partial = self._csr(n) @ cols.contiguous()  # (n * segments, q), sums of <= chunk products
         return partial.view(n, self._segments, -1).sum(1, dtype=SMALL_DTYPE)
 
     def _scatter_rows(self, coeff: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -275,9 +291,9 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         out = torch.zeros(1, self._dim, dtype=self._dtype, device=self._device)
         return self._scatter_rows(coeff[:, None], out).squeeze(0)
 
-    def _combination_float64(self, coeff: torch.Tensor, out: torch.Tensor) -> None:
+    def _combination_float64(self, coeff: torch.Tensor) -> torch.Tensor:
         exact = torch.zeros(1, self._dim, dtype=SMALL_DTYPE, device=self._device)
-        out.copy_(self._scatter_rows(coeff[:, None], exact).squeeze(0))
+        return self._scatter_rows(coeff[:, None], exact).squeeze(0).to(self._dtype)
 
     def _subtract_combination(self, x: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
         return self._scatter_rows(-coeff, x.clone(memory_format=torch.contiguous_format))
