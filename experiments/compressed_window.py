@@ -51,8 +51,8 @@ class Config:
 
     datasets: tuple[str, ...] = ("digits", "mnist")
     models: tuple[str, ...] = ("MLP", "CNN")
-    epochs: dict[str, int] = field(default_factory=lambda: {"digits": 10, "mnist": 3})
-    batch_size: int = 32
+    epochs: dict[str, int] = field(default_factory=lambda: {"digits": 10, "mnist": 4})
+    batch_size: dict[str, int] = field(default_factory=lambda: {"digits": 32, "mnist": 64})
     seeds: tuple[int, ...] = (0, 1, 2)
     train_subset: int | None = None
     densities: tuple[float | None, ...] = DENSITIES
@@ -70,8 +70,8 @@ class Config:
     @classmethod
     def quick(cls) -> Config:
         """A few seconds: digits only, tiny data, one seed, a narrow ResNet."""
-        return replace(cls(), datasets=("digits",), epochs={"digits": 1}, seeds=(0,), train_subset=128,
-                       mfac_ngrads=8, timing_width=4, timing_ngrads=8, timing_repeats=2)
+        return replace(cls(), datasets=("digits",), epochs={"digits": 1}, seeds=(0,), train_subset=64,
+                       mfac_ngrads=4, timing_width=2, timing_ngrads=4, timing_repeats=2)
 
 
 def load_mnist_split(seed: int = 0, test_fraction: float = 0.2) -> Split:
@@ -110,8 +110,11 @@ def make_optimizer(name: str, params, model_name: str, cfg: Config) -> torch.opt
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's ``state_dict`` (window, accumulator, momentum, ...)."""
+def state_bytes(opt: torch.optim.Optimizer, curvature_only: bool = False) -> int:
+    """Bytes of every tensor in the optimizer's ``state_dict`` (window, accumulator, momentum, ...).
+
+    ``curvature_only``: the M-FAC window's state alone (rows, accumulator, m x m matrices); 0 for others.
+    """
     total = 0
 
     def walk(obj):
@@ -125,7 +128,10 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
             for v in obj:
                 walk(v)
 
-    walk(opt.state_dict()["state"])
+    state = opt.state_dict()["state"]
+    if curvature_only:
+        state = state.get(0, {}).get("mfac", {}).get("fisher") or {}
+    walk(state)
     return total
 
 
@@ -145,7 +151,7 @@ def train_run(dataset: str, model_name: str, opt_name: str, seed: int, data: Spl
     gen = torch.Generator().manual_seed(seed)
     steps, opt_time, diverged = 0, 0.0, False
     for _ in range(cfg.epochs[dataset]):
-        for xb, yb in minibatches(x_train, y_train, cfg.batch_size, generator=gen):
+        for xb, yb in minibatches(x_train, y_train, cfg.batch_size[dataset], generator=gen):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(xb), yb)
             loss.backward()
@@ -166,6 +172,7 @@ def train_run(dataset: str, model_name: str, opt_name: str, seed: int, data: Spl
     return {"dataset": dataset, "model": model_name, "optimizer": opt_name, "seed": seed,
             "params": count_parameters(model), "steps": steps, "diverged": diverged,
             "train_loss": train_loss, "test_acc": test_acc, "state_bytes": state_bytes(opt),
+            "window_bytes": state_bytes(opt, curvature_only=True),
             "ms_per_optimizer_step": 1e3 * opt_time / max(steps, 1)}
 
 
@@ -178,7 +185,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def training_table(runs: list[dict], cfg: Config) -> list[str]:
     lines = [md_head(["data", "model (d)", "optimizer", "test acc (%)", "final train loss",
-                      "optimizer state", "vs dense M-FAC", "ms / optimizer step"])]
+                      "optimizer state", "vs dense M-FAC", "of which window", "ms / optimizer step"])]
     for dataset in cfg.datasets:
         for model in cfg.models:
             group = [r for r in runs if r["dataset"] == dataset and r["model"] == model]
@@ -191,12 +198,14 @@ def training_table(runs: list[dict], cfg: Config) -> list[str]:
                 acc, acc_std = _mean_std([100 * r["test_acc"] for r in rs])
                 loss, loss_std = _mean_std([r["train_loss"] for r in rs])
                 nbytes = statistics.fmean(r["state_bytes"] for r in rs)
+                window = statistics.fmean(r["window_bytes"] for r in rs)
                 ms = statistics.fmean(r["ms_per_optimizer_step"] for r in rs)
                 div = sum(r["diverged"] for r in rs)
                 lines.append(md_row([
                     dataset, f"{model} ({rs[0]['params']:,})", opt + (f" ({div} diverged)" if div else ""),
                     f"{acc:.2f} ± {acc_std:.2f}", f"{loss:.4f} ± {loss_std:.4f}", format_bytes(nbytes),
-                    f"1/{dense_bytes / nbytes:.1f}" if nbytes else "-", f"{ms:.2f}",
+                    f"1/{dense_bytes / nbytes:.1f}" if nbytes else "-",
+                    format_bytes(window) if window else "-", f"{ms:.2f}",
                 ]))
     return lines
 
