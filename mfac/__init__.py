@@ -7,6 +7,7 @@ Multi-process sharding lives in :mod:`mfac.distributed` (imported on demand).
 
 from mfac.collect import collect_grads, evaluate_loss
 from mfac.fisher import (
+    CompressedSlidingInverseFisher,
     DenseInverseFisher,
     InverseFisher,
     SlidingInverseFisher,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # inverse-Fisher operators
+    "CompressedSlidingInverseFisher",
     "DenseInverseFisher",
     "InverseFisher",
     "SlidingInverseFisher",

@@ -1,8 +1,15 @@
 """Inverse of the damped empirical Fisher ``F = damp I + (1/m) G^T G`` as matrix-free operators."""
 
 from mfac.fisher.base import InverseFisher
+from mfac.fisher.compressed import CompressedSlidingInverseFisher
 from mfac.fisher.dense import DenseInverseFisher
 from mfac.fisher.sliding import SlidingInverseFisher
 from mfac.fisher.static import StaticInverseFisher
 
-__all__ = ["DenseInverseFisher", "InverseFisher", "SlidingInverseFisher", "StaticInverseFisher"]
+__all__ = [
+    "CompressedSlidingInverseFisher",
+    "DenseInverseFisher",
+    "InverseFisher",
+    "SlidingInverseFisher",
+    "StaticInverseFisher",
+]
