@@ -22,9 +22,10 @@ inherited unchanged; this class only overrides the storage hooks:
   at most ``chunk`` entries whose float32 partial sums are added in float64, as the dense window does
   chunk by chunk): O(m k). Measured faster than ``index_select`` + sum and a batched gather
   (``experiments/bench_compressed.py``).
-* ``G'^T c``: ``index_add_`` of ``c_i v_i`` into a zero ``(d,)`` vector: O(m k + d) (CSR transposes
-  and ``scatter_add_`` measured slower). Redone in float64 when the float32 sum cancels, with the dense
-  window's test.
+* ``G'^T c``: ``index_add_`` of ``c_i v_i`` into a zero ``(d,)`` vector with the int32 indices:
+  O(m k + d) (torch.sparse's transposed product measured 2x the dense floor; ``scatter_add_``, which
+  needs int64 indices, within noise of it). Redone in float64 when the float32 sum cancels, with the
+  dense window's test.
 
 Per step: O(m k + d) instead of O(m d), plus the same O(m^2) float64 work. Memory:
 ``m k (bytes(values) + 4) + d bytes(dtype)`` (values + int32 indices + the accumulator) + ``2 m^2 8``:
