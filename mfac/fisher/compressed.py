@@ -94,7 +94,15 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
     window's index sets. ``mul``, ``diag`` and ``submatrix`` are those of ``F'``.
 
     Memory: ``m k (bytes(values_dtype) + 4) + d bytes(dtype) + 2 m^2 8`` bytes; transients of a few
-    ``(d,)`` vectors per step. Cost per ``update_mul``: O(m k + d) + O(m^2) (O(m^3) on refactors);
+    ``(d,)`` vectors per step, and the previous accumulator is held until the next step (what a step
+    that fails its finiteness check restores: + ``d bytes(dtype)``).
+
+    Non-finite gradients: ``torch.topk`` ranks NaN and inf first, so a non-finite accumulator always
+    sends a non-finite entry and the window's check on ``|g'|^2`` catches it; the step is then undone
+    (rows, Gram matrix and accumulator). With the optimizer's ``check_finite=False`` nothing is checked
+    and a NaN stays in the accumulator for good (the dense window forgets it after ``m`` steps).
+
+    Cost per ``update_mul``: O(m k + d) + O(m^2) (O(m^3) on refactors);
     ``mul`` of ``q`` vectors O(q (m k + d)); ``diag`` O((d / chunk) m k + n^2 d).
 
     Determinism: on CPU every step is deterministic (bit-exact resume). On CUDA, ``index_add_``
