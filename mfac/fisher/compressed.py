@@ -211,7 +211,7 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         return row.values, row.indices, row.residual
 
     def _new_row(self, grad: torch.Tensor) -> _SparseRow:
-        self._old_error = self._error  # drop the previous step's (a restore only follows its own write)
+        self._old_error = None  # drop the previous step's (a restore only follows its own write)
         acc = self._error + grad
         idx = self._select(acc)
         kept = acc[idx]
@@ -246,12 +246,13 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         self._indices.zero_()
         self._error.zero_()
 
-    def _write_row(self, row: int, grad: _SparseRow) -> None:
+    def _write_row(self, row: int, grad: _SparseRow, keep_old: bool) -> None:
         # what _restore_row needs: the old row (k values + k indices) and the old accumulator, kept by
         # reference (the new accumulator is the fresh `residual` tensor: no d-sized copy)
-        self._old_values.copy_(self._values[row])
-        self._old_indices.copy_(self._indices[row])
-        self._old_error = self._error
+        if keep_old:
+            self._old_values.copy_(self._values[row])
+            self._old_indices.copy_(self._indices[row])
+            self._old_error = self._error
         self._values[row].copy_(grad.values)
         self._indices[row].copy_(grad.indices)
         self._error = grad.residual
