@@ -11,7 +11,7 @@ import torch
 from mfac.fisher.compressed import CompressedSlidingInverseFisher
 from mfac.fisher.dense import DenseInverseFisher
 from mfac.fisher.sliding import SlidingInverseFisher
-from tests.references import dense_inverse, rel_err
+from tests.references import dense_fisher, dense_inverse, rel_err
 
 F64 = torch.float64
 
@@ -114,17 +114,17 @@ def test_density_one_equals_the_dense_window():
 
 
 def test_float32_window_and_long_rows_segmented():
-    # k = 300 entries per row split into CSR segments of chunk = 64 (float64 sums of float32 partials)
-    d, m = 3000, 4
-    op = _window(d=d, m=m, density=0.1, block=100, dtype=torch.float32, chunk=64, damp=1e-2)
-    assert op.row_size == 300 and op._segments == 5
+    # k = 150 entries per row split into CSR segments of chunk = 32 (float64 sums of float32 partials)
+    d, m = 600, 4
+    op = _window(d=d, m=m, density=0.25, block=60, dtype=torch.float32, chunk=32, damp=1e-2)
+    assert op.row_size == 150 and op._segments == 5
     for g in _stream(d, 6, seed=4, dtype=torch.float32):
         before = op.error.clone()
         u = op.update_mul(g)
     rows = _explicit_rows(op)
     sent = (before + g - op.error).double()
     assert rel_err(op._gram[:m, :m], rows @ rows.T) < 1e-6
-    assert rel_err(u, dense_inverse(rows, 1e-2, scale=m) @ sent) < 1e-4
+    assert rel_err(u, torch.linalg.solve(dense_fisher(rows, 1e-2, scale=m), sent)) < 1e-4
 
 
 def _sparse_gradient(d: int, block: int, per_block: int, seed: int) -> torch.Tensor:
