@@ -9,6 +9,7 @@ from mfac.collect import collect_grads, evaluate_loss, stream_grads
 from mfac.fisher import (
     BlockFisherAccumulator,
     BlockInverseFisher,
+    CompressedSlidingInverseFisher,
     DenseInverseFisher,
     InverseFisher,
     SlidingInverseFisher,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # inverse-Fisher operators
+    "CompressedSlidingInverseFisher",
     "DenseInverseFisher",
     "InverseFisher",
     "SlidingInverseFisher",

@@ -257,7 +257,8 @@ def memory_is_one_rth(ctx: Ctx) -> None:
     held = state_nbytes(op)
     share = full_bytes * op.dim / d  # exactly this rank's columns
     assert op.dim in (d // ctx.world, d // ctx.world + 1)
-    assert held == m * op.dim * 4 + 2 * m * m * 8
+    # the window, one (d_r,) row kept for a failed step's restore, Gram + P + the spare P buffer
+    assert held == (m + 1) * op.dim * 4 + 3 * m * m * 8
     single = mfac.SlidingInverseFisher(d, m, 1e-3, dtype=torch.float32)
     ratio = held / state_nbytes(single)
     del single

@@ -66,13 +66,25 @@ def test_bad_group_value_in_add_param_group():
     assert len(opt.param_groups) == 1
 
 
-def test_changing_damp_after_the_window_exists():
+def test_changing_ngrads_after_the_window_exists():
     ps = params()
     opt = MFAC(ps, ngrads=2, damp=1e-3)
     ps[0].grad = torch.ones_like(ps[0])
     opt.step()
-    opt.param_groups[0]["damp"] = 1e-2
-    with pytest.raises(ValueError, match="cannot change once the window exists"):
+    opt.param_groups[0]["ngrads"] = 3
+    with pytest.raises(ValueError, match="ngrads cannot change once the window exists"):
+        opt.step()
+
+
+def test_bad_damp_in_a_schedule():
+    ps = params()
+    opt = MFAC(ps, ngrads=2, damp=1e-3)
+    ps[0].grad = torch.ones_like(ps[0])
+    opt.step()
+    with pytest.raises(ValueError, match="damp must be finite and > 0, got -1"):
+        opt.set_damp(-1.0)
+    opt.param_groups[0]["damp"] = 0.0
+    with pytest.raises(ValueError, match=r"damp must be finite and > 0, got 0\.0"):
         opt.step()
 
 

@@ -2,6 +2,7 @@
 
 from mfac.fisher.base import InverseFisher
 from mfac.fisher.blocks import BlockFisherAccumulator, BlockInverseFisher
+from mfac.fisher.compressed import CompressedSlidingInverseFisher
 from mfac.fisher.dense import DenseInverseFisher
 from mfac.fisher.sliding import SlidingInverseFisher
 from mfac.fisher.static import StaticInverseFisher
@@ -9,6 +10,7 @@ from mfac.fisher.static import StaticInverseFisher
 __all__ = [
     "BlockFisherAccumulator",
     "BlockInverseFisher",
+    "CompressedSlidingInverseFisher",
     "DenseInverseFisher",
     "InverseFisher",
     "SlidingInverseFisher",

@@ -30,22 +30,25 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from mfac.fisher.base import InverseFisher
 from mfac.numerics import (
-    DEFAULT_CHUNK,
     SMALL_DTYPE,
+    DeferredChecks,
+    NonFiniteGradientError,
     NumericalWarning,
+    SlabbedMatvec,
     accumulated_matmul,
     allocate,
     check_damp,
-    check_finite,
     check_not_meta,
     check_positive_int,
     check_same_placement,
+    read_checks,
     safe_cholesky,
 )
 
@@ -59,11 +62,40 @@ _CANCELLATION_LIMIT = 1e3
 
 _AVERAGE_OVER = ("seen", "ngrads")
 #: the keys of ``state_dict()`` (``jitter`` optional when loading: older states have none).
-_STATE_KEYS = ("dim", "ngrads", "damp", "average_over", "num_seen", "since_refactor", "grads", "gram", "inv")
+#: the keys of every window's state dict; the rows' own keys come from ``_rows_state`` (``grads`` when dense)
+_STATE_KEYS = ("dim", "ngrads", "damp", "average_over", "num_seen", "since_refactor", "gram", "inv")
 #: relative residual of ``M c = e_r`` above which the rank-one-updated inverse is refactored.
 _RESIDUAL_TOL = 1e-10
 #: ``eps * cancellation ratio`` above which ``update_mul`` warns that its accuracy is lost.
 _ACCURACY_WARN = 1e-4
+#: columns per float32 partial product of the window's passes (summed in float64). 32768 columns keep
+#: the per-slab dispatch cost small next to the slab (m rows of 128 KB runs) and the partial sums short.
+WINDOW_CHUNK = 1 << 15
+
+
+@dataclass
+class _Staged:
+    """One step computed but not yet installed (see ``SlidingInverseFisher._stage``)."""
+
+    row: int  # ring index the gradient goes to
+    n: int  # rows stored after the step
+    scale: int  # s after the step
+    saved: torch.Tensor  # the Gram row r before the step, shape (n,)
+    work: torch.Tensor  # the buffer holding the new P, shape (m, m)
+    coeff: torch.Tensor  # M^{-1} e_r for the new window, float64 (n,)
+    checks: torch.Tensor  # [|g|^2, pivot margin, residual margin, cancellation margin], float64
+    fast: bool  # P from the rank-two update (else refactored)
+    jitter: float  # the jitter of the new P
+
+
+def _verdicts(checks: list[float]) -> tuple[bool, bool, bool]:
+    """``(finite, stable, plain)`` from the host values of ``_Staged.checks`` (NaN compares False).
+
+    finite: ``|g|^2`` is finite (exactly when ``g`` is, unless its norm overflows). stable: the
+    pivot margin is > 0 and the residual margin >= 0. plain: the cancellation margin is >= 0.
+    """
+    square, pivot, residual, cancellation = checks
+    return math.isfinite(square), pivot > 0 and residual >= 0, cancellation >= 0
 
 
 class SlidingInverseFisher(InverseFisher):
@@ -77,7 +109,7 @@ class SlidingInverseFisher(InverseFisher):
         device: device of the buffer (``None``: the default device).
         average_over: ``"seen"`` (``s = min(num_seen, m)``, default) or ``"ngrads"`` (``s = m``
             always, the paper's choice); see the module docstring.
-        chunk: columns per float32 partial product of ``G x`` (summed in float64).
+        chunk: columns per float32 partial product of ``G x`` (summed in float64); ``WINDOW_CHUNK``.
 
     Memory: ``m * d * bytes(dtype)`` for the window (e.g. ``m = 1024, d = 1e6`` in float32: 4 GiB),
     plus ``2 * m^2 * 8`` bytes of float64 state. Allocation is eager and fails with the size asked for.
@@ -95,7 +127,7 @@ class SlidingInverseFisher(InverseFisher):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         average_over: Literal["seen", "ngrads"] = "seen",
-        chunk: int = DEFAULT_CHUNK,
+        chunk: int = WINDOW_CHUNK,
     ) -> None:
         check_positive_int(dim, "dim")
         check_positive_int(ngrads, "ngrads")
@@ -116,12 +148,20 @@ class SlidingInverseFisher(InverseFisher):
         super().__init__(dim, damp, dtype, device)
         self._m = ngrads
         self._average_over = average_over
-        self._grads = allocate((ngrads, dim), dtype, device, "gradient window")  # shape: (m, d)
+        self._chunk = check_positive_int(chunk, "chunk")
+        self._allocate_rows()
         self._gram = allocate((ngrads, ngrads), SMALL_DTYPE, device, "m x m Gram matrix")  # G G^T
         self._inv = allocate((ngrads, ngrads), SMALL_DTYPE, device, "m x m inverse")  # P = M^{-1}
+        self._work = allocate((ngrads, ngrads), SMALL_DTYPE, device, "m x m work buffer")  # next P
+        self._deferred = DeferredChecks()  # checks of an unchecked step, read at the next one
+        self._slabbed: SlabbedMatvec | None = None  # the prepared G g pass
         self._num_seen = 0
         self._since_refactor = 0
         self._jitter = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the prepared slab views and a pending device-to-host copy are rebuilt, not pickled
+        return {**self.__dict__, "_slabbed": None, "_deferred": DeferredChecks()}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -172,12 +212,27 @@ class SlidingInverseFisher(InverseFisher):
     # ------------------------------------------------------------------ updates
     def reset(self) -> None:
         """Empty the window (``F^{-1}`` becomes ``I / damp``); keeps the allocations."""
-        self._grads.zero_()
+        self._clear_rows()
         self._gram.zero_()
         self._inv.zero_()
         self._num_seen = 0
         self._since_refactor = 0
         self._jitter = 0.0
+        self._deferred = DeferredChecks()
+
+    def set_damp(self, damp: float) -> None:
+        """Change ``damp`` and keep the window: ``P`` is refactored from the Gram matrix, O(m^3).
+
+        Exactly the operator a fresh window with the new ``damp`` would build from the same gradients
+        (the Gram matrix does not depend on ``damp``; only the diagonal shift ``s * damp`` of ``M``
+        changes). Cost: one ``m x m`` Cholesky and inverse; nothing ``d``-sized.
+        """
+        damp = check_damp(damp)
+        if damp == self._damp:
+            return
+        self._damp = damp
+        if self.num_stored:
+            self._refactor()
 
     def update(self, grad: torch.Tensor) -> None:
         """Add ``grad`` (shape ``(d,)``) as the newest gradient, dropping the oldest once full.
@@ -186,45 +241,43 @@ class SlidingInverseFisher(InverseFisher):
         Cost: one pass over the window plus O(m^2) (O(m^3) when refactoring).
         """
         self._check_vector(grad, "grad")
-        self._check_finite_grad(grad)
         self._update(grad)
 
-    def update_mul(self, grad: torch.Tensor) -> torch.Tensor:
+    def update_mul(self, grad: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
         """Add ``grad`` to the window and return ``F^{-1} grad`` for the updated window.
 
         Uses the cancellation-free form ``F^{-1} g_r = s G^T P e_r`` (``g_r`` is in the window), accurate
         to float32 round-off of the two passes even when ``damp`` is tiny. Shape ``(d,) -> (d,)``.
+
+        Host synchronisations: one (the checks below, computed on the device and read together), or none
+        with ``check_finite=False``. ``check_finite=True`` raises ``ValueError`` for a NaN/inf ``grad``
+        (or one whose squared norm overflows) and leaves the window untouched. ``check_finite=False``
+        is for callers that know the gradient is finite (e.g. after a ``GradScaler`` skipped the inf
+        steps): a non-finite ``grad`` then poisons the window until it leaves it; the two numerical
+        checks (stable rank-one update, cancelling float32 sum) are then read one step late, and act
+        at the next step (refactor first; a debug message for a cancelled sum).
         """
         self._check_vector(grad, "grad")
-        self._check_finite_grad(grad)
-        coeff = self._update(grad) * self.scale  # (n,) float64
-        return self._combine_rows(coeff)
+        staged = self._stage(grad, checked=check_finite)
+        if check_finite:
+            finite, stable, plain = _verdicts(read_checks(staged.checks))
+            if not finite:
+                self._unstage(staged)
+                self._raise_nonfinite(grad)
+        else:
+            self._deferred.stash(staged.checks)
+            stable, plain = True, True
+        coeff = self._commit(staged, stable) * staged.scale
+        return self._combine_rows(coeff, plain if stable else None)
 
-    def _combine_rows(self, coeff: torch.Tensor) -> torch.Tensor:
-        """``G^T coeff`` in the window's dtype, recomputed in float64 when the float32 sum cancels.
-
-        The float32 pass has an error of about ``eps * bound`` with ``bound = sum_i |c_i| |g_i|``
-        (``>= |G^T c|``, computed from the Gram diagonal in O(n)). For ordinary windows
-        ``bound / |G^T c|`` is below 10 (measured <= 6.3 on correlated gradients); for (nearly)
-        identical gradients at small damp it reaches 1e6-1e7 and the float32 result is noise. Above
-        ``_CANCELLATION_LIMIT`` the product is redone with the window upcast in ``chunk``-column slabs:
-        about 3 passes instead of 1, only then. One host synchronisation.
-        """
-        n = self.num_stored
-        window = self._grads[:n]
-        out = coeff.to(self._dtype) @ window
-        if self._dtype == SMALL_DTYPE or n == 0:
-            return out
-        bound = coeff.abs() @ self._gram.diagonal()[:n].sqrt()
-        norm = torch.linalg.vector_norm(out, dtype=SMALL_DTYPE)
-        if bool(bound <= _CANCELLATION_LIMIT * norm):
-            return out
-        logger.debug("update_mul: float32 combination cancels (bound %.3g); redone in float64", bound)
-        for start in range(0, self._dim, self._chunk):
-            sl = slice(start, start + self._chunk)
-            out[sl] = coeff @ window[:, sl].to(SMALL_DTYPE)
-        self._warn_cancellation(float(bound) / max(float(norm), 1e-300))
-        return out
+    def _update(self, grad: torch.Tensor) -> torch.Tensor:
+        """Add ``grad`` with the finiteness check: returns ``c = M^{-1} e_r`` (float64, ``(n,)``)."""
+        staged = self._stage(grad)
+        finite, stable, _ = _verdicts(read_checks(staged.checks))
+        if not finite:
+            self._unstage(staged)
+            self._raise_nonfinite(grad)
+        return self._commit(staged, stable)
 
     def _warn_cancellation(self, ratio: float) -> None:
         """Warn that ``G^T c`` cancels by ``ratio``: the Gram products' rounding is amplified as much.
@@ -248,48 +301,140 @@ class SlidingInverseFisher(InverseFisher):
             stacklevel=3,
         )
 
-    def _check_finite_grad(self, grad: torch.Tensor) -> None:
-        """Raise ``ValueError`` if ``grad`` holds NaN/inf (or its squared norm overflows its dtype).
-
-        ``|g|^2`` is non-finite exactly then: one dot product, where ``isfinite(g).all()`` allocates a
-        ``(d,)`` mask (measured 0.03 vs 0.2 ms at d = 1e5). Counting is done only on failure.
-        """
-        if grad.dtype in (torch.float32, torch.float64):
-            square = torch.dot(grad, grad)
-        else:  # half precision: |g|^2 in float32 (float16 overflows at |g| = 256)
-            square = torch.linalg.vector_norm(grad, dtype=torch.float32)
-        if math.isfinite(square.item()):
-            return
-        check_finite(grad, "grad")
-        raise ValueError(
+    def _raise_nonfinite(self, grad: torch.Tensor) -> None:
+        """Raise :class:`~mfac.numerics.NonFiniteGradientError` (a ``ValueError``) describing ``grad``."""
+        nan, inf = int(torch.isnan(grad).sum()), int(torch.isinf(grad).sum())
+        if nan or inf:
+            raise NonFiniteGradientError(f"grad must be finite, got {nan} NaN and {inf} inf entries")
+        raise NonFiniteGradientError(
             f"grad must be finite: its squared norm overflows {self._dtype}; rescale the loss or use float64"
         )
 
-    def _update(self, grad: torch.Tensor) -> torch.Tensor:
-        """Write ``grad`` into the ring, refresh Gram and ``P``; return ``c = M^{-1} e_r`` (float64, (n,))."""
-        row = self._num_seen % self._m
-        full_before = self._num_seen >= self._m
-        old_scale = self.scale
-        self._grads[row].copy_(grad)
-        self._num_seen += 1
+    def _combine_rows(self, coeff: torch.Tensor, plain: bool | None = True) -> torch.Tensor:
+        """``G^T coeff`` in the window's dtype, recomputed in float64 when the float32 sum cancels.
+
+        The float32 pass has an error of about ``eps * bound`` with ``bound = sum_i |c_i| |g_i|``
+        (``>= |G^T c|``, from the Gram diagonal in O(n)). For ordinary windows ``bound / |G^T c|`` is
+        below 10 (measured <= 6.3 on correlated gradients); for (nearly) identical gradients at small
+        damp it reaches 1e6-1e7 and the float32 result is noise. Above ``_CANCELLATION_LIMIT`` the
+        product is redone with the window upcast in ``chunk``-column slabs: about 3 passes instead of 1,
+        only then. ``plain`` is the verdict computed before the pass from ``|G^T c|^2 = c^T (G G^T) c``
+        (see :meth:`_checks`); ``None`` recomputes it here (one synchronisation, rare paths only).
+        """
         n = self.num_stored
-        col = accumulated_matmul(self._grads[:n], grad.unsqueeze(-1), chunk=self._chunk).squeeze(-1)
+        if plain is None:
+            plain = self._dtype == SMALL_DTYPE or n == 0 or bool(self._cancellation_margin(coeff) >= 0)
+        if plain:
+            return self._combination(coeff)
+        logger.debug("update_mul: float32 combination cancels; redone in float64")
+        out = self._combination_float64(coeff)
+        bound = coeff.abs() @ self._gram.diagonal()[:n].clamp_min(0.0).sqrt()
+        norm = torch.linalg.vector_norm(out, dtype=SMALL_DTYPE)
+        self._warn_cancellation(float(bound) / max(float(norm), 1e-300))  # a rare path: two host reads
+        return out
+
+    def _cancellation_margin(
+        self, coeff: torch.Tensor, gram_coeff: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """0-d: ``|G^T c|^2 - (bound / _CANCELLATION_LIMIT)^2``, from the Gram matrix, O(n^2); >= 0: plain.
+
+        ``|G^T c|^2 = c^T (G G^T) c`` exactly; in float64 from the float64-accumulated Gram matrix it is
+        accurate (error ~1e-7 * bound^2) well past the limit's ``bound^2 / 1e6``. ``gram_coeff``
+        (``G G^T c``, or that of a vector within round-off of ``c``) saves the O(n^2) product when the
+        caller has it. NaN compares False.
+        """
+        n = coeff.shape[0]
+        gram = self._gram[:n, :n]
+        bound = coeff.abs() @ gram.diagonal().clamp_min(0.0).sqrt()
+        square = torch.dot(coeff, gram @ coeff if gram_coeff is None else gram_coeff)
+        return square - (bound / _CANCELLATION_LIMIT).square()
+
+    # ------------------------------------------------------------------ the staged step
+    def _stage(self, grad: torch.Tensor, checked: bool = True) -> _Staged:
+        """Compute everything a step needs, changing only what :meth:`_unstage` can undo; no host read.
+
+        ``grad`` goes into row ``r`` (with ``checked``, the row it replaces is first kept in a ``(d,)``
+        buffer: one copy, what :meth:`_unstage` restores), the Gram column ``G g`` is one pass over the
+        new window (``|g|^2`` at ``r``, computed by the same kernel as the other entries: a window of
+        identical gradients gets an exactly rank-one float Gram matrix), the Gram column is written (its
+        old values saved) and the new ``P`` is built in the spare buffer. The checks are numbers on the
+        device (see :func:`_verdicts`), stacked into one tensor for one read.
+        """
+        self._apply_deferred()
+        m = self._m
+        row = self._num_seen % m
+        n = min(self._num_seen + 1, m)
+        scale = m if self._average_over == "ngrads" else n
+        new_row = self._new_row(grad)
+        self._write_row(row, new_row, checked)  # checked: keep what a failed check restores
+        col = self._row_products(new_row, n)  # G g accumulated in float64; col[row] = |g|^2
         self._reduce(col)
+        square = col[row]
+        if checked:
+            saved = self._gram[row, :n].clone()
+        else:  # nothing is undone: keep a non-finite column out of the m x m state
+            saved = col
+            col = torch.nan_to_num(col, nan=0.0, posinf=0.0, neginf=0.0)
         self._gram[row, :n] = col
         self._gram[:n, row] = col
-        if full_before and self.scale == old_scale and self._since_refactor < self._m:
-            coeff = self._replace_row(row)
-            if coeff is not None:
-                self._since_refactor += 1
-                return coeff
-        self._refactor()
-        return self._refined_column(row)[0]
+        fast = self._num_seen >= m and scale == self.scale and self._since_refactor < m
+        if fast:
+            coeff, margins, work, gram_coeff = self._replace_row(row, n)
+            jitter = self._jitter
+        else:
+            coeff, margins, work, gram_coeff = self._refactored(row, n, scale)
+            jitter = 0.0
+        if self._dtype == SMALL_DTYPE:
+            plain = torch.ones_like(square)
+        else:
+            plain = self._cancellation_margin(coeff, gram_coeff)  # scale-free test
+        checks = torch.cat([square.reshape(1), margins, plain.reshape(1)])
+        return _Staged(row, n, scale, saved, work, coeff, checks, fast, jitter)
 
-    def _system(self, jitter: float = 0.0) -> torch.Tensor:
+    def _gram_pass(self, n: int) -> SlabbedMatvec:
+        """Return the prepared ``G[:n] @ x`` (float64-accumulated slabs), rebuilt when ``n`` changes."""
+        gram_pass = self._slabbed
+        if gram_pass is None or gram_pass.shape[0] != n:
+            gram_pass = self._slabbed = SlabbedMatvec(self._grads[:n], self._chunk)
+        return gram_pass
+
+    def _unstage(self, staged: _Staged) -> None:
+        """Undo what :meth:`_stage` wrote (the window row and the Gram row and column ``r``)."""
+        row, n = staged.row, staged.n
+        self._restore_row(row)
+        self._gram[row, :n] = staged.saved
+        self._gram[:n, row] = staged.saved
+
+    def _commit(self, staged: _Staged, stable: bool) -> torch.Tensor:
+        """Install the new ``P`` and count the step; refactor when the staged one was not stable."""
+        self._num_seen += 1
+        self._inv, self._work = staged.work, self._inv
+        self._jitter = staged.jitter
+        if stable:
+            self._since_refactor = self._since_refactor + 1 if staged.fast else 0
+            return staged.coeff
+        logger.debug("sliding window: rank-one update of P not stable at row %d; refactored", staged.row)
+        self._refactor()
+        return self._refined_column(staged.row, staged.n, self._shift)[0]
+
+    def _apply_deferred(self) -> None:
+        """Act on the checks of the previous unchecked step (``check_finite=False``), read one step late."""
+        values = self._deferred.take()
+        if values is None:
+            return
+        _, stable, plain = _verdicts(values)
+        if not stable and self.num_stored:
+            logger.debug("sliding window: last step's rank-one update was not stable; refactored")
+            self._refactor()
+        if not plain:
+            logger.debug("update_mul: last step's float32 combination cancelled (unchecked step)")
+
+    def _system(self, jitter: float = 0.0, n: int | None = None, scale: int | None = None) -> torch.Tensor:
         """``M = s damp I + G G^T (+ jitter I)`` over the stored rows, float64, shape ``(n, n)``."""
-        n = self.num_stored
+        n = self.num_stored if n is None else n
+        scale = self.scale if scale is None else scale
         system = self._gram[:n, :n].clone()
-        system.diagonal().add_(self.scale * self._damp + jitter)
+        system.diagonal().add_(scale * self._damp + jitter)
         return system
 
     def _factor(self) -> torch.Tensor:
@@ -306,49 +451,85 @@ class SlidingInverseFisher(InverseFisher):
         self._inv[:n, :n] = torch.cholesky_inverse(factor)
         self._since_refactor = 0
 
-    def _refined_column(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``c = M^{-1} e_r`` from ``P`` plus one step of iterative refinement, and the relative residual.
+    def _refactored(
+        self, row: int, n: int, scale: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``P`` refactored into the spare buffer (no jitter); margins > 0 iff the Cholesky succeeded.
+
+        A failed factorization (rounding made ``M`` indefinite) reports ``stable = False``; the commit
+        then refactors with :func:`~mfac.numerics.safe_cholesky`, which adds jitter and warns.
+        """
+        factor, info = torch.linalg.cholesky_ex(self._system(0.0, n, scale))  # info: no host read
+        work = self._work
+        work.zero_()
+        work[:n, :n] = torch.cholesky_inverse(factor)
+        coeff, rel, gram_coeff = self._refined_column(row, n, scale * self._damp, work)
+        ok = torch.where(info == 0, 1.0, -1.0).to(SMALL_DTYPE)
+        return coeff, torch.stack([ok, 0.0 * rel]), work, gram_coeff
+
+    def _refined_column(
+        self, row: int, n: int, shift: float, inv: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``c = M^{-1} e_r`` from ``P`` plus one step of iterative refinement, the relative residual.
 
         ``r = e_r - M c0`` costs one O(n^2) product; ``c = c0 + P r`` removes most of the error that
         ``P`` carries (the forward error of ``c0`` is up to cond(M) times ``P``'s backward error).
-        The residual ``|r| / (|M| |c0|)`` is returned as a 0-d tensor (no host synchronisation here).
+        The residual ``|r| / (|M| |c0|)`` is returned as a 0-d tensor (no host synchronisation here),
+        and ``G G^T c0`` (for :meth:`_cancellation_margin`).
         """
-        n = self.num_stored
-        inv = self._inv[:n, :n]
-        shift = self._shift
-        c0 = inv[:, row]
-        resid = torch.mv(self._gram[:n, :n], c0).add_(c0, alpha=shift).neg_()
+        inv = self._inv if inv is None else inv
+        gram = self._gram
+        if n < self._m:
+            inv, gram = inv[:n, :n], gram[:n, :n]
+        c0 = inv[row]  # P is symmetric: row r is column r, and contiguous
+        gram_c0 = torch.mv(gram, c0)
+        resid = torch.add(gram_c0, c0, alpha=shift).neg_()
         resid[row] += 1.0
-        norm_m = self._gram.diagonal()[:n].amax() + shift
-        rel = resid.abs().amax() / (norm_m * c0.abs().amax())
-        return c0 + inv @ resid, rel
+        scale = (gram.diagonal().amax() + shift) * torch.linalg.vector_norm(c0, math.inf)
+        rel = torch.linalg.vector_norm(resid, math.inf) / scale
+        return torch.addmv(c0, inv, resid), rel, gram_c0
 
-    def _replace_row(self, row: int) -> torch.Tensor | None:
-        """Update ``P = M^{-1}`` for a new row/column ``row`` of ``M`` in O(m^2).
+    def _replace_row(
+        self, row: int, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Build the new ``P = M^{-1}`` for a new row/column ``row`` of ``M`` in O(m^2), in the spare buffer.
 
         Remove: ``P' = P - p p^T / p_rr`` (``p = P e_r``) is the inverse of ``M`` without row/column
         ``row``, embedded with zeros. Add: with ``b`` the new column without its diagonal entry ``v_r``,
-        ``u = P' b``, the Schur complement ``sigma = v_r - b^T u`` and ``w = u - e_r``, the new inverse is
-        ``P' + w w^T / sigma``. Returns the refined ``c = M^{-1} e_r``, or ``None`` when a pivot is not
-        clearly positive or the residual of ``c`` is above tolerance (the caller then refactors and
-        overwrites ``P``). All checks are combined into one host synchronisation.
+        ``u = P' b = P b - p (p^T b) / p_rr``, the Schur complement ``sigma = v_r - b^T u`` and
+        ``w = u - e_r``, the new inverse is ``P' + w w^T / sigma``. Both corrections are applied as one
+        rank-two product ``P + [p, w] diag(-1/p_rr, 1/sigma) [p, w]^T`` written into the spare buffer,
+        and row/column ``r`` are then set to their exact value ``-w / sigma``: three O(m^2) passes over
+        float64 ``m x m`` data (``P b``, read ``P``, write the new one) instead of five.
+
+        Returns the refined ``c = M^{-1} e_r``, the stability margins (shape ``(2,)``: the smaller of
+        the pivot ``p_rr`` and ``sigma - 1e-13 v_r``, and ``tol - residual``; stable iff both are > 0
+        and >= 0, see :func:`_verdicts`; the caller refactors otherwise), the buffer holding the new
+        ``P`` and ``G G^T c`` (see :meth:`_refined_column`).
         """
+        tiny = torch.finfo(self._inv.dtype).tiny
+        shift = self._shift
         inv = self._inv
-        p = inv[:, row].clone()
+        p = inv[row]  # = P e_r (P is symmetric; row r is contiguous); inv is only read below
         pivot = p[row]
-        inv.addr_(p / pivot.clamp_min(torch.finfo(inv.dtype).tiny), p, alpha=-1.0)
-        inv[row, :] = 0.0
-        inv[:, row] = 0.0
-        col = self._gram[:, row].clone()
-        diag = col[row] + self._shift
-        col[row] = 0.0
-        u = inv @ col
-        sigma = diag - torch.dot(col, u)
-        u[row] = -1.0
-        inv.addr_(u / sigma.clamp_min(torch.finfo(inv.dtype).tiny), u)
-        coeff, rel = self._refined_column(row)
-        stable = (pivot > 0) & (sigma > 1e-13 * diag) & (rel <= _RESIDUAL_TOL)  # NaN compares False
-        return coeff if bool(stable) else None
+        b = self._gram[:, row].clone()
+        diag = b[row] + shift
+        b[row] = 0.0
+        u = torch.mv(inv, b)  # P b
+        pb = torch.dot(p, b)
+        u.sub_(p * (pb / pivot.clamp_min(tiny)))  # P' b
+        sigma = diag - torch.dot(b, u)
+        u[row] = -1.0  # w
+        inv_sigma = 1.0 / sigma.clamp_min(tiny)
+        left = torch.stack([p, u], dim=1)  # (m, 2)
+        right = torch.stack([p / -pivot.clamp_min(tiny), u * inv_sigma], dim=0)  # (2, m)
+        work = torch.addmm(inv, left, right, out=self._work)
+        edge = u * -inv_sigma
+        work[row, :] = edge
+        work[:, row] = edge
+        coeff, rel, gram_coeff = self._refined_column(row, n, shift, work)
+        margins = torch.stack([torch.minimum(pivot, sigma - 1e-13 * diag), _RESIDUAL_TOL - rel])
+        return coeff, margins, work, gram_coeff
 
     # ------------------------------------------------------------------ hooks
     def _check_vector(self, vec: torch.Tensor, name: str) -> None:
@@ -362,11 +543,10 @@ class SlidingInverseFisher(InverseFisher):
         n = self.num_stored
         if n == 0:
             return x / self._damp
-        window = self._grads[:n]
-        proj = accumulated_matmul(window, x.T, chunk=self._chunk)  # (n, k) float64
+        proj = self._products(x.T)  # (n, k) float64
         self._reduce(proj)
         coeff = (self._inv[:n, :n] @ proj).to(self._dtype)  # (n, k)
-        return torch.addmm(x, coeff.T, window, alpha=-1.0).div_(self._damp)
+        return self._subtract_combination(x, coeff).div_(self._damp)
 
     def _diag(self) -> torch.Tensor:
         n = self.num_stored
@@ -379,7 +559,7 @@ class SlidingInverseFisher(InverseFisher):
         factor = factor.to(work)
         for start in range(0, self._dim, self._chunk):
             sl = slice(start, start + self._chunk)
-            q = torch.linalg.solve_triangular(factor, self._grads[:n, sl].to(work), upper=False)
+            q = torch.linalg.solve_triangular(factor, self._columns(sl).to(work), upper=False)
             out[sl] -= q.square().sum(0) / self._damp
         return out
 
@@ -388,9 +568,68 @@ class SlidingInverseFisher(InverseFisher):
         same = (idx[:, None] == idx[None, :]).to(self._dtype)
         if n == 0:
             return same / self._damp
-        cols = self._grads[:n, idx].to(SMALL_DTYPE)  # (n, s)
+        cols = self._columns(idx).to(SMALL_DTYPE)  # (n, s)
         inner = cols.T @ self._inv[:n, :n] @ cols
         return (same - inner.to(self._dtype)) / self._damp
+
+    # ------------------------------------------------------------------ storage hooks
+    # The only places that touch the stored rows. A variant with another storage (compressed rows:
+    # mfac.fisher.compressed) overrides these and inherits all the m x m algebra above.
+    def _allocate_rows(self) -> None:
+        """Allocate the row storage for ``m`` rows of ``d`` coordinates (called by ``__init__``)."""
+        self._grads = allocate((self._m, self._dim), self._dtype, self._device, "gradient window")
+        self._old_row = torch.empty(self._dim, dtype=self._dtype, device=self._device)  # for _unstage
+
+    def _clear_rows(self) -> None:
+        """Zero every stored row (``reset``)."""
+        self._grads.zero_()
+
+    def _new_row(self, grad: torch.Tensor) -> Any:
+        """Return the row to store for a validated gradient: ``grad`` itself."""
+        return grad
+
+    def _write_row(self, row: int, grad: Any, keep_old: bool) -> None:
+        """Store :meth:`_new_row`'s result in ring slot ``row`` (``keep_old``: for :meth:`_restore_row`)."""
+        if keep_old:
+            self._old_row.copy_(self._grads[row])
+        self._grads[row].copy_(grad)
+
+    def _restore_row(self, row: int) -> None:
+        """Undo the last :meth:`_write_row` made with ``keep_old`` (a step that failed its checks)."""
+        self._grads[row].copy_(self._old_row)
+
+    def _row_products(self, grad: Any, n: int) -> torch.Tensor:
+        """``G g`` over the first ``n`` rows (the new one included), float64, shape ``(n,)``."""
+        return self._gram_pass(n)(grad)
+
+    def _products(self, cols: torch.Tensor) -> torch.Tensor:
+        """``G cols`` over the stored rows, float64: ``cols`` ``(d, k)`` -> ``(n, k)``."""
+        return accumulated_matmul(self._grads[: self.num_stored], cols, chunk=self._chunk)
+
+    def _combination(self, coeff: torch.Tensor) -> torch.Tensor:
+        """``G^T coeff`` in the window's dtype: ``coeff`` float64 ``(n,)`` -> ``(d,)``."""
+        return torch.mv(self._grads[: self.num_stored].T, coeff.to(self._dtype))
+
+    def _combination_float64(self, coeff: torch.Tensor) -> torch.Tensor:
+        """``G^T coeff`` computed in float64 (the window upcast ``chunk`` columns at a time)."""
+        window = self._grads[: self.num_stored]
+        out = torch.empty(self._dim, dtype=self._dtype, device=self._device)
+        for start in range(0, self._dim, self._chunk):
+            sl = slice(start, start + self._chunk)
+            out[sl] = coeff @ window[:, sl].to(SMALL_DTYPE)
+        return out
+
+    def _subtract_combination(self, x: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+        """``x - coeff^T G`` (new tensor): ``x`` ``(k, d)``, ``coeff`` ``(n, k)``, the window's dtype."""
+        return torch.addmm(x, coeff.T, self._grads[: self.num_stored], alpha=-1.0)
+
+    def _columns(self, cols: slice | torch.Tensor) -> torch.Tensor:
+        """Columns ``G[:, cols]`` of the stored rows, dense, shape ``(n, len(cols))``."""
+        return self._grads[: self.num_stored, cols]
+
+    def _rows_state(self) -> dict[str, torch.Tensor]:
+        """Return the row storage as named tensors (checkpoints copy into them in place)."""
+        return {"grads": self._grads}
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -403,7 +642,7 @@ class SlidingInverseFisher(InverseFisher):
             "num_seen": self._num_seen,
             "since_refactor": self._since_refactor,
             "jitter": self._jitter,
-            "grads": self._grads,
+            **self._rows_state(),
             "gram": self._gram,
             "inv": self._inv,
         }
@@ -417,7 +656,8 @@ class SlidingInverseFisher(InverseFisher):
         left as it was.
         """
         self.check_state_dict(state)
-        self._grads.copy_(state["grads"])
+        for key, mine in self._rows_state().items():
+            mine.copy_(state[key])
         self._gram.copy_(state["gram"])
         self._inv.copy_(state["inv"])
         self._num_seen = int(state["num_seen"])
@@ -448,11 +688,13 @@ class SlidingInverseFisher(InverseFisher):
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")
-        missing = [k for k in _STATE_KEYS if k not in state]
+        rows = self._rows_state()
+        expected = (*_STATE_KEYS, *rows)
+        missing = [k for k in expected if k not in state]
         if missing:
             raise ValueError(
-                f"state_dict is missing {missing} (expected the keys of SlidingInverseFisher.state_dict(): "
-                f"{list(_STATE_KEYS)}; got {sorted(map(str, state))})"
+                f"state_dict is missing {missing} (expected the keys of {type(self).__name__}.state_dict(): "
+                f"{list(expected)}; got {sorted(map(str, state))})"
             )
         for key, mine in (("dim", self._dim), ("ngrads", self._m), ("damp", self._damp),
                           ("average_over", self._average_over)):
@@ -473,12 +715,13 @@ class SlidingInverseFisher(InverseFisher):
             math.isfinite(jitter) and jitter >= 0.0
         ):
             raise ValueError(f"state_dict['jitter'] must be a finite float >= 0, got {jitter!r}")
-        for key, mine in (("grads", self._grads), ("gram", self._gram), ("inv", self._inv)):
+        for key, mine in (*rows.items(), ("gram", self._gram), ("inv", self._inv)):
             value = state[key]
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"state_dict[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
-            if not value.is_floating_point():
-                raise ValueError(f"state_dict[{key!r}] must be a floating tensor, got dtype {value.dtype}")
+            if value.is_floating_point() != mine.is_floating_point():
+                kind = "a floating" if mine.is_floating_point() else "an integer"
+                raise ValueError(f"state_dict[{key!r}] must be {kind} tensor, got dtype {value.dtype}")
             check_not_meta(value, f"state_dict[{key!r}]")
             if tuple(value.shape) != tuple(mine.shape):
                 raise ValueError(
@@ -498,20 +741,31 @@ class SlidingInverseFisher(InverseFisher):
         top = gram[:n, :n]
         if not torch.allclose(top, top.T, rtol=1e-12, atol=0.0):
             raise ValueError("state_dict['gram'] must be symmetric (it is G G^T)")
+        return self._state_row_norms(state, n)
+
+    @property
+    def _rows_key(self) -> str:
+        """The state-dict key of the stored rows' values (what the Gram diagonal is checked against)."""
+        return next(iter(self._rows_state()))
+
+    def _state_row_norms(self, state: Mapping[str, Any], n: int) -> torch.Tensor:
+        """Squared norms (float64, ``(n,)``) of the first ``n`` rows stored in a checked ``state``."""
         window = state["grads"][:n].to(device=self._device)
-        return torch.linalg.vector_norm(window, dim=1, dtype=SMALL_DTYPE).square_()  # (n,)
+        return torch.linalg.vector_norm(window, dim=1, dtype=SMALL_DTYPE).square_()
 
     def _check_gram_diagonal(self, state: Mapping[str, Any], sq: torch.Tensor) -> None:
         """Check the Gram diagonal against the window's squared row norms ``sq`` (relative ``1e-2``)."""
         n = sq.shape[0]
         diag = state["gram"].to(device=self._device, dtype=SMALL_DTYPE).diagonal()[:n]
         if not bool(torch.isfinite(sq).all()):
-            raise ValueError("state_dict['grads'] must be finite: the window holds NaN or inf (or overflows)")
+            raise ValueError(
+                f"state_dict[{self._rows_key!r}] must be finite: the window holds NaN or inf (or overflows)"
+            )
         bad = (sq - diag).abs() > 1e-2 * torch.maximum(sq, diag) + torch.finfo(torch.float32).tiny
         if bool(bad.any()):
             row = int(bad.nonzero()[0])
             raise ValueError(
-                f"state_dict['gram'] does not match state_dict['grads']: Gram diagonal "
+                f"state_dict['gram'] does not match state_dict[{self._rows_key!r}]: Gram diagonal "
                 f"{float(diag[row]):.6g} but |window row {row}|^2 = {float(sq[row]):.6g} (and "
                 f"{int(bad.sum()) - 1} more rows); the window and the Gram matrix come from different "
                 "states, or one of them is corrupt"

@@ -41,8 +41,10 @@ from typing import Any, Literal
 import torch
 from torch.optim import Optimizer
 
+from mfac.fisher.compressed import CompressedSlidingInverseFisher, check_density
 from mfac.fisher.sliding import SlidingInverseFisher
 from mfac.numerics import (
+    NonFiniteGradientError,
     allocate,
     check_bool_mask,
     check_damp,
@@ -69,6 +71,7 @@ _PICKLED = (
     "_average_over",
     "save_window",
     "skip_nonfinite",
+    "check_finite",
     "_fisher",
     "_layout",
     "_flat",
@@ -77,6 +80,7 @@ _PICKLED = (
     "_masks",
     "_pruned",
     "_distributed",
+    "_density",
 )
 
 
@@ -122,6 +126,8 @@ class _MFACBase(Optimizer):
         save_window: bool,
         skip_nonfinite: bool,
         distributed: Any = None,
+        check_finite: bool = True,
+        density: float | None = None,
     ) -> None:
         check_positive_int(defaults["ngrads"], "ngrads")
         defaults["damp"] = check_damp(defaults["damp"])
@@ -147,10 +153,20 @@ class _MFACBase(Optimizer):
             )
         #: the window's placement over torch.distributed ranks (None: one process).
         self._distributed = distributed
+        density = check_density(density)
+        #: kept fraction of each gradient in a compressed window (None: the dense window).
+        self._density = None if density == 1.0 else density
+        if self._density is not None and distributed is not None:
+            raise ValueError(
+                f"density={density} (a compressed window) cannot be combined with distributed: "
+                "the compressed window is not sharded; use density=None with distributed"
+            )
         #: leave the m x d window out of :meth:`state_dict` (see the class docstring).
         self.save_window = bool(save_window)
         #: skip steps whose gradient is not finite instead of raising (see the class docstring).
         self.skip_nonfinite = bool(skip_nonfinite)
+        #: check every gradient for NaN/inf (one host synchronisation per step; see the class docstring).
+        self.check_finite = bool(check_finite)
         self._fisher: SlidingInverseFisher | None = None
         self._layout: Layout | None = None
         self._flat: torch.Tensor | None = None  # shape: (d,), the gathered gradient (reused)
@@ -282,13 +298,30 @@ class _MFACBase(Optimizer):
             values[key] = seen.pop()
         ngrads, damp = values["ngrads"], values["damp"]
         fisher = self._fisher
-        if fisher is not None and (fisher.ngrads != ngrads or fisher.damp != damp):
+        if fisher is not None and fisher.ngrads != ngrads:
             raise ValueError(
-                f"ngrads and damp cannot change once the window exists (window: ngrads="
-                f"{fisher.ngrads}, damp={fisher.damp}; param groups: ngrads={ngrads}, "
-                f"damp={damp}); build a new optimizer to change them"
+                f"ngrads cannot change once the window exists (window: ngrads={fisher.ngrads}, "
+                f"param groups: ngrads={ngrads}); build a new optimizer to change it"
             )
+        if fisher is not None and fisher.damp != damp:
+            fisher.set_damp(check_damp(damp))  # O(m^3): the window is kept
+            self.defaults["damp"] = fisher.damp
         return ngrads, damp
+
+    def set_damp(self, damp: float) -> None:
+        """Set ``damp`` (lambda) in every param group; the window is kept, its ``m x m`` state refactored.
+
+        Equivalent to writing ``group["damp"] = damp`` in every group (a damping schedule may do that):
+        the next step refactors ``M = s damp I + G G^T`` from the stored Gram matrix (O(m^3), nothing
+        ``d``-sized), giving exactly the operator a new window with this ``damp`` would build from the
+        same gradients.
+        """
+        damp = check_damp(damp)
+        for group in self.param_groups:
+            group["damp"] = damp
+        self.defaults["damp"] = damp
+        if self._fisher is not None:
+            self._fisher.set_damp(damp)
 
     # ------------------------------------------------------------------ the shared step
     def _local(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -304,6 +337,11 @@ class _MFACBase(Optimizer):
                 raise NotImplementedError("masks are not supported with FSDP-sharded parameters")
             return self._distributed.new_fisher(  # collective: the ranks' windows agree
                 layout.dim, ngrads, damp, params=layout.params, dtype=layout.dtype,
+                device=layout.device, average_over=self._average_over,
+            )
+        if self._density is not None:
+            return CompressedSlidingInverseFisher(
+                layout.dim, ngrads, damp, density=self._density, dtype=layout.dtype,
                 device=layout.device, average_over=self._average_over,
             )
         return SlidingInverseFisher(
@@ -342,20 +380,29 @@ class _MFACBase(Optimizer):
             new = Layout(active, self._masks, layout.dtype, layout.device)
             assert self._fisher is not None
             state = self._fisher.state_dict()
-            grads = allocate((ngrads, new.dim), layout.dtype, layout.device, "grown gradient window")
             position = {id(s.param): s for s in new.slots}
-            for slot in layout.slots:
-                target = position[id(slot.param)]
-                grads[:, target.offset : target.offset + target.size] = state["grads"][
-                    :, slot.offset : slot.offset + slot.size
-                ]
             fisher = self._new_fisher(new, ngrads, damp)
-            fisher.load_state_dict({**state, "dim": new.dim, "grads": grads})
+            if isinstance(fisher, CompressedSlidingInverseFisher):
+                moved = torch.cat([
+                    torch.arange(position[id(s.param)].offset, position[id(s.param)].offset + s.size)
+                    for s in layout.slots
+                ])
+                state = fisher.remap_state(state, moved, new.dim, fisher.row_size)
+            else:
+                grads = allocate((ngrads, new.dim), layout.dtype, layout.device, "grown gradient window")
+                for slot in layout.slots:
+                    target = position[id(slot.param)]
+                    grads[:, target.offset : target.offset + target.size] = state["grads"][
+                        :, slot.offset : slot.offset + slot.size
+                    ]
+                state = {**state, "dim": new.dim, "grads": grads}
+            fisher.load_state_dict(state)
             self._fisher = fisher
             logger.debug("M-FAC window grown from %d to %d coordinates", layout.dim, new.dim)
         self._layout = new
         self._flat = torch.empty(new.dim, dtype=new.dtype, device=new.device)
 
+    @torch.compiler.disable  # Python bookkeeping and data-dependent checks: run eagerly under compile
     def _precondition(self) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]] | None:
         """Add the current gradient to the window; return ``(group, param, direction)`` per param.
 
@@ -390,11 +437,18 @@ class _MFACBase(Optimizer):
         decays = [group_of[id(p)]["weight_decay"] for p in layout.params]
         layout.gather(grads, flat, decays)
         dist = self._distributed
-        if not (_finite(flat) if dist is None else dist.all_finite(flat)):
+        if dist is not None and self.check_finite and not dist.all_finite(flat):
             self._nonfinite(flat)
             return None
         # shape: (d,), as flat (FSDP: this rank's local coordinates; DDP: all, step all-gathered)
-        direction = fisher.update_mul(flat) if dist is None else dist.update_mul(fisher, flat)
+        if dist is not None:
+            direction = dist.update_mul(fisher, flat)
+        else:
+            try:  # the window's own check (|g|^2 on the device, read once with its other checks)
+                direction = fisher.update_mul(flat, check_finite=self.check_finite)
+            except NonFiniteGradientError:
+                self._nonfinite(flat)
+                return None
         self._num_steps += 1
         return [
             (group_of[id(p)], p, layout.scatter(direction, i))
@@ -458,6 +512,7 @@ class _MFACBase(Optimizer):
             "masks": {position[id(p)]: m for p, m in self._masks.items()},
             "active": None if layout is None else [position[id(p)] for p in layout.params],
             "window_dtype": None if layout is None else layout.dtype,
+            "density": self._density,
             "fisher": fisher.state_dict() if fisher is not None and self.save_window else None,
         }
 
@@ -537,6 +592,11 @@ class _MFACBase(Optimizer):
                 f"{sorted(theirs)}, this optimizer has masks on {sorted(mine)} (or different "
                 "values); build the optimizer with the same masks as the one that was saved"
             )
+        if glob.get("density") != self._density:
+            raise ValueError(
+                f"the checkpoint was saved with density={glob.get('density')!r}, this optimizer "
+                f"has density={self._density!r}; build the optimizer with the saved density"
+            )
         counters = int(glob["num_steps"]), int(glob["num_skipped"])
         if glob["active"] is None:
             return None, None, *counters
@@ -576,7 +636,9 @@ _COMMON_DOC = r"""
             parameters). All on one device; any real floating dtypes.
         ngrads: ``m``, the window size (the number of recent gradients kept). Global: every group
             must have the same value.
-        damp: ``lambda > 0`` in ``F = damp I + (1/s) G^T G``. Global, like ``ngrads``.
+        damp: ``lambda > 0`` in ``F = damp I + (1/s) G^T G``. Global, like ``ngrads``, but it may
+            change during training (:meth:`set_damp`, or ``group["damp"]`` set in every group, e.g. by a
+            schedule): the window is kept and its ``m x m`` state refactored, O(m^3).
         weight_decay: per group, added as ``weight_decay * w`` to the gradient *before*
             preconditioning (the paper's choice), so the window holds decayed gradients.
         masks: optional ``{parameter tensor: mask}`` of fixed sparsity masks, shaped like the
@@ -602,6 +664,12 @@ _COMMON_DOC = r"""
             the momentum are left untouched, so the caller may catch it and continue. True: skip the
             step silently (counted in :attr:`num_skipped`, logged at debug level), e.g. under a
             ``torch.amp.GradScaler``, which skips such steps itself.
+        check_finite: True (default): every step checks the gradient for NaN/inf, from ``|g|^2``
+            computed on the device together with the window's numerical checks, read in one host
+            synchronisation per step. False: no check and no synchronisation at all (the numerical
+            checks act one step late); for loops that guarantee finite gradients (a ``GradScaler``
+            only calls ``step`` for finite ones). A non-finite gradient then gives a NaN step and stays
+            in the window for ``ngrads`` steps. Also an attribute.
         distributed: None (default: one process), or a :class:`mfac.distributed.DistributedWindow`
             that shards the window over ``torch.distributed`` ranks (DDP: each rank keeps a slice
             of the coordinates and the step is all-gathered; FSDP2 ``fully_shard``: each rank
@@ -609,6 +677,14 @@ _COMMON_DOC = r"""
             ``step`` and ``load_state_dict`` become collectives, ``state_dict`` holds this rank's
             part (save it per rank: :func:`mfac.distributed.save_sharded`). Every parameter must
             have a gradient at the first step (the window cannot grow); no masks with FSDP.
+        density: None (default: the dense window) or the kept fraction in (0, 1] of each gradient
+            for a compressed window (EFCP: error feedback + top-k per block of 4096 coordinates,
+            :class:`mfac.fisher.compressed.CompressedSlidingInverseFisher`): the step adds the
+            gradient to an accumulator ``e``, stores its ``k ~ density * d`` largest entries as
+            values + int32 indices, keeps the rest in ``e`` and returns ``F'^{-1} g'`` for the sent
+            part ``g'``. Memory ``m k 8 + d 4`` bytes instead of ``m d 4`` (density 0.01, m = 256:
+            1/42), cost O(m k + d) per step. ``1.0`` is the dense window (the same code path).
+            Global; not with ``distributed``. The checkpoint carries ``e`` and the sparse rows.
 
     Parameters and gradients:
         * The window's coordinate set is the parameters that have a gradient at the first step,
@@ -667,6 +743,8 @@ class MFACPreconditioner(_MFACBase):
         save_window: bool = True,
         skip_nonfinite: bool = False,
         distributed: Any = None,
+        check_finite: bool = True,
+        density: float | None = None,
     ) -> None:
         defaults = {"ngrads": ngrads, "damp": damp, "weight_decay": weight_decay}
         super().__init__(
@@ -678,6 +756,8 @@ class MFACPreconditioner(_MFACBase):
             save_window=save_window,
             skip_nonfinite=skip_nonfinite,
             distributed=distributed,
+            check_finite=check_finite,
+            density=density,
         )
 
     def _apply(self, directions: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
@@ -762,6 +842,8 @@ class MFAC(_MFACBase):
         save_window: bool = True,
         skip_nonfinite: bool = False,
         distributed: Any = None,
+        check_finite: bool = True,
+        density: float | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -779,6 +861,8 @@ class MFAC(_MFACBase):
             save_window=save_window,
             skip_nonfinite=skip_nonfinite,
             distributed=distributed,
+            check_finite=check_finite,
+            density=density,
         )
 
     def _check_group(self, group: Mapping[str, Any]) -> None:

@@ -1,0 +1,198 @@
+"""Compressed (error feedback + top-k) window: kernel choices, step time and memory against the dense window.
+
+Sections:
+
+* ``kernels``: the two sparse products of a step at ``m`` x ``d`` and one density, every candidate
+  interleaved with the dense window's floor (``G @ g`` + ``G^T c``, the same ``m`` and ``d``):
+  Gram row ``G' g'`` by a segmented CSR mat-vec (kept), ``index_select`` + multiply + float64 sum, a
+  batched gather (``bmm``); ``G'^T c`` by ``index_add_`` (kept), ``scatter_add_``, ``bincount`` with
+  weights (float64), and the CSR transpose product.
+* ``step``: ``update_mul`` of the dense window and of compressed windows (densities 0.1, 0.01, 0.001)
+  at ResNet-20's size (d = 272,474), interleaved; state bytes (counted from the tensors) and the RSS
+  growth measured when each window is allocated and filled.
+* ``largest``: the largest windows that fit here: the dense window's bytes stated, a compressed
+  window at m = 1024, d = 1e7, density 0.01 allocated and stepped (its RSS measured).
+
+Run: ``python -m experiments.bench_compressed [--sections kernels step largest] [--threads 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+import warnings
+
+import torch
+
+from experiments._measure import current_rss, time_interleaved
+from experiments._report import md_head, md_row
+from mfac.fisher.compressed import CompressedSlidingInverseFisher
+from mfac.fisher.sliding import SlidingInverseFisher
+from mfac.numerics import format_bytes
+
+RESNET20_D = 272_474
+#: damping of the timed windows: large enough that random gradients never need a Cholesky repair.
+TIMING_DAMP = 1.0
+
+
+def _rows(m: int, d: int, density: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Values ``(m, k)`` and sorted int32 indices, ``k`` per row, as a compressed window holds them."""
+    probe = CompressedSlidingInverseFisher(d, 1, 1.0, density=density)
+    k = probe.row_size
+    gen = torch.Generator().manual_seed(seed)
+    values, indices = torch.randn(m, k, generator=gen), torch.empty(m, k, dtype=torch.int32)
+    for i in range(m):
+        g = torch.randn(d, generator=gen)
+        _, idx, _ = probe.compress(g)
+        probe.reset()
+        indices[i] = idx
+    return values, indices, k
+
+
+def kernels(m: int, d: int, density: float, repeats: int) -> list[str]:
+    values, indices, k = _rows(m, d, density)
+    flat_idx = indices.view(-1)
+    g, c = torch.randn(d), torch.randn(m, dtype=torch.float64)
+    dense = torch.randn(m, d)
+    crow = torch.arange(0, m * k + 1, k, dtype=torch.int32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        csr = torch.sparse_csr_tensor(crow, flat_idx, values.view(-1), size=(m, d), check_invariants=False)
+
+    def scatter_index_add():
+        out = torch.zeros(d)
+        return out.index_add_(0, flat_idx, (c.float()[:, None] * values).view(-1))
+
+    def scatter_add():  # needs int64 indices: the conversion of the int32 storage is part of it
+        out = torch.zeros(d)
+        return out.scatter_add_(0, flat_idx.long(), (c.float()[:, None] * values).view(-1))
+
+    def scatter_bincount():
+        return torch.bincount(flat_idx.long(), (c[:, None] * values).view(-1), minlength=d)
+
+    fns = {
+        "floor: G @ g + G^T c (dense window)": lambda: (dense @ g, c.float() @ dense),
+        "gram row: CSR mat-vec (kept)": lambda: csr @ g,
+        "gram row: index_select + mul + sum(float64)": lambda: (
+            torch.index_select(g, 0, flat_idx).view(m, k) * values).sum(1, dtype=torch.float64),
+        "gram row: gather + bmm": lambda: torch.bmm(g[indices.long()].unsqueeze(1), values.unsqueeze(-1)),
+        "G^T c: index_add_ (kept)": scatter_index_add,
+        "G^T c: scatter_add_": scatter_add,
+        "G^T c: bincount (float64 weights)": scatter_bincount,
+        "G^T c: CSR transpose @ c": lambda: csr.t() @ c.float().unsqueeze(1),
+    }
+    res = time_interleaved(fns, repeats=repeats, warmup=1)
+    floor = res["floor: G @ g + G^T c (dense window)"]["median"]
+    lines = [f"\n### Sparse products: m = {m}, d = {d:,}, density {density} (k = {k:,} per row)\n",
+             md_head(["product", "median ms", "vs dense floor"])]
+    for name, r in res.items():
+        lines.append(md_row([name, f"{r['median'] * 1e3:.2f}", f"{r['median'] / floor:.3f}x"]))
+    return lines
+
+
+def _grads(d: int, steps: int, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(d, generator=gen)
+    return [base + torch.randn(d, generator=gen) for _ in range(steps)]
+
+
+def _state_bytes(op: SlidingInverseFisher) -> int:
+    return sum(t.numel() * t.element_size() for t in op.state_dict().values() if isinstance(t, torch.Tensor))
+
+
+def _build(kind: float | None, m: int, d: int, grads: list[torch.Tensor]) -> tuple[SlidingInverseFisher, int]:
+    """Allocate and fill a window; return it and the RSS growth that took (bytes)."""
+    gc.collect()
+    before = current_rss()
+    if kind is None:
+        op = SlidingInverseFisher(d, m, TIMING_DAMP)
+    else:
+        op = CompressedSlidingInverseFisher(d, m, TIMING_DAMP, density=kind)
+    for i in range(m):
+        op.update(grads[i % len(grads)])
+    return op, current_rss() - before
+
+
+def step(m: int, d: int, repeats: int) -> list[str]:
+    grads = _grads(d, 16)
+    kinds: list[float | None] = [None, 0.1, 0.01, 0.001]
+    ops, rss = {}, {}
+    for kind in kinds:
+        ops[kind], rss[kind] = _build(kind, m, d, grads)
+    counter = {"i": 0}
+
+    def stepper(op):
+        def run():
+            counter["i"] += 1
+            return op.update_mul(grads[counter["i"] % len(grads)])
+        return run
+
+    names = {kind: "dense" if kind is None else f"density {kind}" for kind in kinds}
+    res = time_interleaved({names[k]: stepper(ops[k]) for k in kinds}, repeats=repeats, warmup=1)
+    dense_t, dense_b = res["dense"]["median"], _state_bytes(ops[None])
+    lines = [f"\n### update_mul at ResNet-20 size: m = {m}, d = {d:,} (float32)\n",
+             md_head(["window", "k per row", "ms / step", "vs dense", "state bytes", "vs dense",
+                      "RSS growth (allocate + fill)"])]
+    for kind in kinds:
+        op, t = ops[kind], res[names[kind]]["median"]
+        k = d if kind is None else op.row_size
+        b = _state_bytes(op)
+        lines.append(md_row([names[kind], f"{k:,}", f"{t * 1e3:.1f}", f"{t / dense_t:.3f}x",
+                             format_bytes(b), f"1/{dense_b / b:.1f}", format_bytes(rss[kind])]))
+    return lines
+
+
+def largest(m: int, d: int, density: float, steps: int = 3) -> list[str]:
+    """Allocate the window (``reset`` writes every page, so RSS counts all of it) and take a few steps.
+
+    The steps are the first ones of the window (n <= ``steps`` rows): their time is the O(d) part of a
+    step (accumulator, top-k, the dense g' and the scatter's zero vector); the O(m k) part at a full
+    window is what the ``kernels`` section measures at smaller sizes.
+    """
+    dense_bytes = m * d * 4
+    gc.collect()
+    before = current_rss()
+    op = CompressedSlidingInverseFisher(d, m, TIMING_DAMP, density=density)
+    op.reset()  # touch every page of the values, indices and accumulator
+    allocated = current_rss() - before
+    gen = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        op.update_mul(torch.randn(d, generator=gen))
+    per_step = (time.perf_counter() - start) / steps
+    stepped = current_rss() - before
+    return [f"\n### Largest window here: m = {m}, d = {d:,}, density {density} (k = {op.row_size:,})\n",
+            md_head(["window", "state bytes", "RSS growth: allocated", "after steps",
+                     "ms / step (first steps)"]),
+            md_row(["dense (float32), stated", format_bytes(dense_bytes), "does not fit (24 GB RAM)", "-",
+                    "-"]),
+            md_row([f"compressed, density {density}", format_bytes(op.nbytes), format_bytes(allocated),
+                    format_bytes(stepped), f"{per_step * 1e3:.0f}"])]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", nargs="+", default=["kernels", "step", "largest"],
+                   choices=["kernels", "step", "largest"])
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--m", type=int, default=256)
+    p.add_argument("--d", type=int, default=RESNET20_D)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--largest-m", type=int, default=1024)
+    p.add_argument("--largest-d", type=int, default=10_000_000)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    lines = [f"threads: {torch.get_num_threads()}, torch {torch.__version__}"]
+    if "kernels" in args.sections:
+        for density in (0.01, 0.001):
+            lines += kernels(args.m, args.d, density, args.repeats)
+    if "step" in args.sections:
+        lines += step(args.m, args.d, args.repeats)
+    if "largest" in args.sections:
+        lines += largest(args.largest_m, args.largest_d, 0.01)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

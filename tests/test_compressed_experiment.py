@@ -1,0 +1,23 @@
+"""experiments/compressed_window.py runs end to end (quick mode) and reports what it claims."""
+
+from __future__ import annotations
+
+import json
+
+from experiments import compressed_window
+
+
+def test_quick_run_reports_every_optimizer_and_smaller_compressed_state(tmp_path, one_thread):
+    results = compressed_window.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    table = (tmp_path / "results.md").read_text()
+    for name in ("M-FAC dense", "M-FAC density 0.1", "M-FAC density 0.01", "M-FAC density 0.001",
+                 "Adam", "SGD", "Adam (foreach)"):
+        assert f"| {name} |" in table, name
+    runs = {r["optimizer"]: r for r in results["runs"] if r["model"] == "MLP"}
+    dense = runs["M-FAC dense"]
+    # the window state shrinks with the density (rows + accumulator + m x m), momentum is the same
+    sizes = [runs[f"M-FAC density {d:g}"]["window_bytes"] for d in (0.1, 0.01, 0.001)]
+    assert dense["window_bytes"] > sizes[0] > sizes[1] >= sizes[2] > 0
+    assert all(r["steps"] == dense["steps"] > 0 for r in runs.values())
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["runs"]) == len(results["runs"]) and saved["resnet"]
