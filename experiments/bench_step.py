@@ -158,6 +158,7 @@ def scale(args: argparse.Namespace) -> list[dict]:
             row["vs_fwd_bwd"] = row["mfac_s"] / row["fwd_bwd_s"]
             row["status"] = "ok"
             rows.append(row)
+            print("  " + json.dumps(jsonable(row)), flush=True)
             del opt
     return rows
 
@@ -236,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         for m in args.m:
             print(f"[bench_step] m={m} d={fmt_d(int(d))}", flush=True)
             rows.append(side_by_side(m, int(d), args, paper, ista))
+            print("  " + json.dumps(jsonable({k: v for k, v in rows[-1].items()})), flush=True)
     scaled = scale(args) if args.scale_m else []
     res = {
         "meta": {

@@ -21,6 +21,7 @@ from torch import nn
 
 import mfac
 from mfac import prune as mprune
+from mfac.numerics import NonFiniteGradientError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -257,9 +258,9 @@ CASES = [
     ("update 2-D", lambda: filled().update(torch.randn(1, 6)), ValueError, r"grad must have shape \(6,\), got \(1, 6\)"),
     ("update float64", lambda: filled().update(torch.randn(6).double()), TypeError, r"grad must have dtype torch.float32"),
     ("update list", lambda: filled().update([0.0] * 6), TypeError, r"grad must be a torch.Tensor, got list"),
-    ("update NaN", lambda: filled().update(with_value(torch.ones(6), NAN, 2)), ValueError, r"grad must be finite, got 1 NaN and 0 inf"),
-    ("update_mul inf", lambda: filled().update_mul(with_value(torch.ones(6), INF, 0)), ValueError, r"0 NaN and 1 inf"),
-    ("update overflow", lambda: filled().update(torch.full((6,), 1e20)), ValueError, r"squared norm overflows torch.float32"),
+    ("update NaN", lambda: filled().update(with_value(torch.ones(6), NAN, 2)), NonFiniteGradientError, r"grad must be finite, got 1 NaN and 0 inf"),
+    ("update_mul inf", lambda: filled().update_mul(with_value(torch.ones(6), INF, 0)), NonFiniteGradientError, r"0 NaN and 1 inf"),
+    ("update overflow", lambda: filled().update(torch.full((6,), 1e20)), NonFiniteGradientError, r"squared norm overflows torch.float32"),
     ("update meta", lambda: filled().update(torch.zeros(6, device="meta")), ValueError, r"grad must be on device cpu"),
     # --- sliding load_state_dict: malformed, corrupt or foreign
     ("state not a dict", lambda: sliding().load_state_dict([1, 2]), TypeError, r"state_dict must be a dict, got list"),
@@ -353,7 +354,7 @@ CASES = [
      r"gradient \(plus weight_decay \* parameter\) must be finite.*param_groups\[0\]\['params'\]\[0\]"),
     ("MFAC overflowing grad", lambda: set_grads(optimizer(), 1e30), ValueError,
      r"overflowing norm in param_groups\[0\]\['params'\]\[0\] \(shape \(2, 3\)\)"),
-    ("MFAC damp changed", lambda: _damp_changed(), ValueError, r"cannot change once the window exists"),
+    ("MFAC damp changed to a bad value", lambda: _damp_changed(-1.0), ValueError, r"damp must be finite and > 0, got -1\.0"),
     ("MFAC damp too small at step", lambda: set_grads(optimizer(damp=1e-39), 1.0), ValueError, r"too small for torch.float32"),
     ("MFAC sparse grad", lambda: _sparse_step(), TypeError, r"does not support sparse gradients"),
     # --- MFAC load_state_dict
@@ -576,9 +577,9 @@ def _frozen():
     return net
 
 
-def _damp_changed():
+def _damp_changed(damp):
     opt, ps = stepped(steps=1)
-    opt.param_groups[0]["damp"] = 1e-1
+    opt.param_groups[0]["damp"] = damp
     for p in ps:
         p.grad = torch.ones_like(p)
     opt.step()

@@ -183,13 +183,18 @@ def test_sliding_window_refactors_every_m_rank_one_updates(average_over, monkeyp
     update is always rejected (O(m^3) per step, correct results), fails here."""
     m, steps = 4, 30
     calls = []
-    original = mfac.SlidingInverseFisher._refactor
+    staged, after = mfac.SlidingInverseFisher._refactored, mfac.SlidingInverseFisher._refactor
 
-    def counting(self):
+    def counting_staged(self, row, n, scale):  # P refactored while the step is staged
+        calls.append(self.num_seen + 1)  # the step's number (num_seen counts it once committed)
+        return staged(self, row, n, scale)
+
+    def counting_after(self):  # P refactored after a rejected rank-one update
         calls.append(self.num_seen)
-        original(self)
+        after(self)
 
-    monkeypatch.setattr(mfac.SlidingInverseFisher, "_refactor", counting)
+    monkeypatch.setattr(mfac.SlidingInverseFisher, "_refactored", counting_staged)
+    monkeypatch.setattr(mfac.SlidingInverseFisher, "_refactor", counting_after)
     gen = torch.Generator().manual_seed(0)
     stream = torch.randn(steps, 12, generator=gen, dtype=torch.float64)
     op = mfac.SlidingInverseFisher(12, m, 1e-1, dtype=torch.float64, average_over=average_over)

@@ -18,6 +18,17 @@ Cholesky every ``m`` updates, whenever the rank-one update looks unstable (a piv
 positive, or a residual ``|M c - e_r|`` above tolerance), and while the window fills with
 ``average_over="seen"`` (there ``s`` changes every step, which shifts the whole diagonal).
 
+One step, as executed (``update_mul``): write ``g`` into ring row ``r`` (keeping the row it replaces in a
+``(d,)`` buffer), one pass ``G g`` in 32768-column float32 slabs summed in float64 (``|g|^2`` at ``r``),
+the new ``P`` built in a spare ``m x m`` buffer (one rank-two ``addmm``, or a Cholesky while filling and
+every ``m`` steps), the refined ``c`` and, all on the device, the numbers whose signs are the step's
+checks: ``|g|^2`` finite, the rank-two update stable, and no cancellation in the coming float32
+``G^T c`` (from ``|G^T c|^2 = c^T G G^T c``, before the pass). They are read in one host
+synchronisation; only then is the step installed (or undone: a non-finite gradient leaves the window as
+it was) and the second pass ``G^T c`` run. ``update_mul(g, check_finite=False)`` reads nothing: the
+numerical checks are copied to the host asynchronously and acted on at the next step. ``set_damp``
+changes ``damp`` by refactoring ``P`` from the Gram matrix (O(m^3)); the window is kept.
+
 Open choice, made explicit: while the window fills (``n < m`` gradients seen), ``average_over="seen"``
 (default) uses ``s = n``: the Fisher is the average of the gradients it holds, so the first step is the
 Sherman-Morrison step ``g / (damp + |g|^2)``. ``average_over="ngrads"`` uses ``s = m`` from the start, as
@@ -112,10 +123,14 @@ class SlidingInverseFisher(InverseFisher):
         chunk: columns per float32 partial product of ``G x`` (summed in float64); ``WINDOW_CHUNK``.
 
     Memory: ``m * d * bytes(dtype)`` for the window (e.g. ``m = 1024, d = 1e6`` in float32: 4 GiB),
-    plus ``2 * m^2 * 8`` bytes of float64 state. Allocation is eager and fails with the size asked for.
+    one ``(d,)`` row kept for undoing a failed step, plus ``3 * m^2 * 8`` bytes of float64 state (Gram
+    matrix, ``P`` and the buffer the next ``P`` is built in). Allocation is eager and fails with the
+    size asked for.
 
     Cost per ``update_mul``: two passes over the window (``G g`` and ``G^T c``, O(md)) plus O(m^2)
-    float64 work; O(m^3) once every ``m`` steps (and every step while filling with ``"seen"``).
+    float64 work (about five passes over ``m x m`` data, ~90 small tensor operations); O(m^3) once
+    every ``m`` steps (and every step while filling with ``"seen"``). One host synchronisation per step
+    (none with ``check_finite=False``).
     """
 
     def __init__(

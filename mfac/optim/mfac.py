@@ -84,6 +84,10 @@ _PICKLED = (
 )
 
 
+#: functions wrapped with torch.compiler.disable on first use.
+_EAGER: dict[str, Callable[..., Any]] = {}
+
+
 def _check_real(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
@@ -402,8 +406,18 @@ class _MFACBase(Optimizer):
         self._layout = new
         self._flat = torch.empty(new.dim, dtype=new.dtype, device=new.device)
 
-    @torch.compiler.disable  # Python bookkeeping and data-dependent checks: run eagerly under compile
     def _precondition(self) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]] | None:
+        """Run :meth:`_precondition_eager` outside any ``torch.compile`` graph (bookkeeping, checks).
+
+        ``torch.compiler.disable`` is applied on first use, not at import (importing torch's compiler
+        stack has side effects: warning filters, sympy).
+        """
+        fn = _EAGER.get("precondition")
+        if fn is None:
+            fn = _EAGER["precondition"] = torch.compiler.disable(_MFACBase._precondition_eager)
+        return fn(self)
+
+    def _precondition_eager(self) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]] | None:
         """Add the current gradient to the window; return ``(group, param, direction)`` per param.
 
         ``direction`` is ``F^{-1} g`` restricted to the parameter, shaped like it, in the window's
