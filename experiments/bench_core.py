@@ -1,4 +1,4 @@
-r"""Benchmark of mfac's core operators against their floors and the paper's formulations (issue 2).
+r"""Benchmark of mfac's core operators against their floors and the paper's formulations.
 
 Run ``python -m experiments.bench_core`` (``--help`` for the options, ``--quick`` for a seconds-long smoke
 run). It prints markdown tables and writes ``bench_core.json`` and ``bench_core.md`` to ``--out``.
@@ -743,7 +743,7 @@ def _status_row(r: dict, ncols: int) -> str:
 def render_markdown(res: dict) -> str:
     meta = res["meta"]
     lines = [
-        "# mfac core benchmark (issue 2)",
+        "# mfac core benchmark",
         "",
         f"{meta['date']}, mfac at {meta['commit']}; torch {meta['torch']}, {meta['threads']} threads, "
         f"{meta['cpu_count']} CPUs ({meta['processor']}); {meta['dtype']}; median of "

@@ -1,4 +1,4 @@
-r"""Benchmark of the sharded sliding window (issue 6): time and bytes per step for R = 1, 2, 4 ranks.
+r"""Benchmark of the sharded sliding window: time and bytes per step for R = 1, 2, 4 ranks.
 
 Run ``python -m experiments.bench_distributed`` (``--help`` for the options, ``--quick`` for a
 seconds-long smoke run). It starts R gloo processes on this machine (``file://`` rendezvous, loopback),

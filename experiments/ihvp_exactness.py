@@ -1,4 +1,4 @@
-r"""IHVP exactness and cost of mfac's operators (experiment 1 of issue 5).
+r"""IHVP exactness and cost of mfac's operators.
 
     python -m experiments.ihvp_exactness [--quick] [--out results/ihvp_exactness] [--sections ...]
 

@@ -1,6 +1,6 @@
 r"""Keeping pruned weights at zero through fine-tuning: weights, gradients and optimizer state.
 
-Zeroing a weight once is not enough (M-FAC issue #1: pruned weights came back). During training a pruned
+Zeroing a weight once is not enough (pruned weights come back). During training a pruned
 coordinate can be revived by its gradient, by momentum accumulated before pruning, by Adam's running averages,
 or by anything that writes ``.grad`` directly. :class:`MaskHandle` closes each route:
 
