@@ -35,3 +35,23 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual = actual.to(torch.float64)
     expected = expected.to(torch.float64)
     return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def tiny_mlp(dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """The 4-4-3 tanh MLP (seeded) that the pruning and fault tests share: 31 parameters."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).to(dtype)
+
+
+def tiny_batches(n: int, dtype: torch.dtype = torch.float64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n // 2`` seeded mini-batches of two (x: (2, 4), y: (2,)) for :func:`tiny_mlp`."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, generator=gen, dtype=dtype)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    return [(x[i : i + 2], y[i : i + 2]) for i in range(0, n, 2)]
+
+
+def ce_loss(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of ``net`` on one ``(x, y)`` batch."""
+    x, y = batch
+    return torch.nn.functional.cross_entropy(net(x), y)

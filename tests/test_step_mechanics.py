@@ -15,7 +15,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as nnf
 from references import dense_inverse
 from torch import nn
 
@@ -24,6 +23,7 @@ from mfac import prune as mprune
 from mfac.collect import collect_grads
 from mfac.numerics import accumulated_matmul
 from mfac.prune.masks import prune_count
+from tests.references import ce_loss, tiny_batches, tiny_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,20 +31,14 @@ NAMES = ["0.weight", "2.weight"]
 
 
 def _model(dtype=torch.float64) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
+    return tiny_mlp(dtype)
 
 
 def _data(n: int = 32, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 4, generator=gen, dtype=dtype)
-    y = torch.randint(0, 3, (n,), generator=gen)
-    return [(x[i : i + 2], y[i : i + 2]) for i in range(0, n, 2)]
+    return tiny_batches(n, dtype)
 
 
-def loss_fn(net, batch):
-    x, y = batch
-    return nnf.cross_entropy(net(x), y)
+loss_fn = ce_loss
 
 
 class Recording(mprune.IdentityCurvature):
