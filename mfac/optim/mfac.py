@@ -673,7 +673,7 @@ _COMMON_DOC = r"""
             loading such a checkpoint restarts the window empty, everything else (step counters,
             momentum, masks, the window's coordinate set) is restored. Also an attribute.
         skip_nonfinite: what a step with a NaN or inf gradient (plus weight decay), or a finite
-            one whose squared norm overflows the window's dtype (|g| > 1.8e19 in float32), does. False
+            one whose squared norm overflows the window's dtype (``|g| > 1.8e19`` in float32), does. False
             (default): raise ``ValueError`` naming the parameters; the window, the parameters and
             the momentum are left untouched, so the caller may catch it and continue. True: skip the
             step silently (counted in :attr:`num_skipped`, logged at debug level), e.g. under a
