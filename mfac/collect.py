@@ -151,13 +151,16 @@ def _check_loss(loss: Any, row: int) -> torch.Tensor:
     if not bool(torch.isfinite(loss.detach()).all()):
         raise ValueError(f"loss of gradient row {row} is {loss.item()}, must be finite")
     if not loss.requires_grad:
-        raise ValueError(
-            f"the loss of gradient row {row} does not require grad: loss_fn returned a detached loss "
-            "(.detach(), .item() turned back into a tensor, or computed under torch.no_grad() / "
-            "inference_mode), or one that uses none of the parameters; return the loss autograd can "
-            "differentiate"
-        )
+        raise ValueError(_detached_message(f"the loss of gradient row {row}"))
     return loss.reshape(())
+
+
+def _detached_message(what: str) -> str:
+    return (
+        f"{what} does not require grad: loss_fn returned a detached loss (.detach(), .item() turned "
+        "back into a tensor, or computed under torch.no_grad() / inference_mode), or one that uses none "
+        "of the parameters; return the loss autograd can differentiate"
+    )
 
 
 def _check_rows(out: torch.Tensor, start: int, space: ParamSpace, masked: bool) -> None:
@@ -326,6 +329,8 @@ def _per_sample_grad_fn(
             raise TypeError(f"loss_fn must return a scalar torch.Tensor, got {type(loss).__name__}")
         if loss.numel() != 1:
             raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
+        if not loss.requires_grad:  # inside torch.func.grad: False exactly for a loss cut from the params
+            raise ValueError(_detached_message("a per-sample loss"))
         return loss.reshape(())
 
     # randomness="different": each sample draws its own random numbers (dropout), like a loop would

@@ -409,6 +409,9 @@ CASES = [
     ("collect loss NaN", lambda: collect(loss=lambda n, b: loss_fn(n, b) * NAN), ValueError, r"loss of gradient row 0 is nan"),
     ("collect detached loss", lambda: collect(loss=lambda n, b: loss_fn(n, b).detach()), ValueError,
      r"does not require grad: loss_fn returned a detached loss"),
+    ("collect per-sample detached loss",  # torch.func would return zero gradients without the check
+     lambda: collect(loss=lambda n, b: loss_fn(n, b).detach(), per_sample=True), ValueError,
+     r"a per-sample loss does not require grad: loss_fn returned a detached loss"),
     ("collect per-sample loss float", lambda: collect(loss=lambda n, b: 1.0, per_sample=True), TypeError,
      r"loss_fn must return a scalar torch.Tensor, got float"),
     ("collect per-sample batch int", lambda: collect(batches=[3], per_sample=True), TypeError, r"a batch must be a tensor"),
