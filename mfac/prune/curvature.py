@@ -333,7 +333,30 @@ class FisherCurvature(Curvature):
         self.last_damp = None
 
 
-class DiagonalFisherCurvature(FisherCurvature):
+class _DiagonalUpdates:
+    """The updates of a diagonal curvature: no cross terms to compensate with, so every kind zeroes.
+
+    A group's saliency is the sum of its weights' saliencies (``sum_{q in Q} w_q^2 F_qq / 2``; the group
+    magnitude for ``F = I``). Mixed in before the curvature class whose ``saliency`` it sums.
+    """
+
+    def update(self, w: torch.Tensor, removed: torch.Tensor, kind: str) -> torch.Tensor:
+        """Zero the removed weights (a diagonal curvature has no cross terms to compensate with)."""
+        check_update(kind)
+        return _mask_only(w, removed)
+
+    def group_saliency(self, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Return the sum of :meth:`saliency` over each group."""
+        return _group_sum(self.saliency(w), labels)
+
+    def group_update(
+        self, w: torch.Tensor, removed: torch.Tensor, labels: torch.Tensor, kind: str
+    ) -> torch.Tensor:
+        """Zero the removed groups."""
+        return self.update(w, removed, kind)
+
+
+class DiagonalFisherCurvature(_DiagonalUpdates, FisherCurvature):
     r"""``F = diag(damp + (1/m) sum_i g_i^2)``: OBD-style saliency ``w_q^2 F_qq / 2``, no compensation.
 
     With a diagonal ``F`` there are no cross terms, so every update kind reduces to zeroing. The squares are
@@ -357,28 +380,13 @@ class DiagonalFisherCurvature(FisherCurvature):
         """Return ``w^2 F_qq / 2``."""
         return w.square() * self._diag_fisher / 2.0
 
-    def update(self, w: torch.Tensor, removed: torch.Tensor, kind: str) -> torch.Tensor:
-        """Zero the removed weights (a diagonal curvature has no cross terms to compensate with)."""
-        check_update(kind)
-        return _mask_only(w, removed)
-
-    def group_saliency(self, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return ``sum_{q in Q} w_q^2 F_qq / 2`` per group."""
-        return _group_sum(self.saliency(w), labels)
-
-    def group_update(
-        self, w: torch.Tensor, removed: torch.Tensor, labels: torch.Tensor, kind: str
-    ) -> torch.Tensor:
-        """Zero the removed groups."""
-        return self.update(w, removed, kind)
-
     def release(self) -> None:
         """Drop the diagonal."""
         super().release()
         self._diag_fisher = None
 
 
-class IdentityCurvature(Curvature):
+class IdentityCurvature(_DiagonalUpdates, Curvature):
     """``F = I``: saliency ``w_q^2 / 2`` (magnitude pruning); no compensation. Needs no data."""
 
     needs_data = False
@@ -390,17 +398,3 @@ class IdentityCurvature(Curvature):
         """Return ``w^2 / 2``."""
         return w.square() / 2.0
 
-    def update(self, w: torch.Tensor, removed: torch.Tensor, kind: str) -> torch.Tensor:
-        """Zero the removed weights (a diagonal curvature has no cross terms to compensate with)."""
-        check_update(kind)
-        return _mask_only(w, removed)
-
-    def group_saliency(self, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return ``|w_Q|^2 / 2`` per group (group magnitude)."""
-        return _group_sum(self.saliency(w), labels)
-
-    def group_update(
-        self, w: torch.Tensor, removed: torch.Tensor, labels: torch.Tensor, kind: str
-    ) -> torch.Tensor:
-        """Zero the removed groups."""
-        return self.update(w, removed, kind)
