@@ -36,21 +36,9 @@ def load_digits_split(
         ``Split(x_train, y_train, x_test, y_test)``; 1437 / 360 images for ``test_fraction=0.2``.
     """
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     data = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(
-        data.images, data.target, test_size=test_fraction, random_state=seed, stratify=data.target
-    )
-    x_train = torch.as_tensor(x_train, dtype=torch.float64).unsqueeze(1)
-    x_test = torch.as_tensor(x_test, dtype=torch.float64).unsqueeze(1)
-    mean, std = x_train.mean(), x_train.std()
-    return Split(
-        ((x_train - mean) / std).to(dtype),
-        torch.as_tensor(y_train, dtype=torch.long),
-        ((x_test - mean) / std).to(dtype),
-        torch.as_tensor(y_test, dtype=torch.long),
-    )
+    return _stratified(data.images[:, None], data.target, seed, test_fraction, dtype)
 
 
 def _stratified(images, labels, seed: int, test_fraction: float, dtype: torch.dtype) -> Split:
