@@ -18,11 +18,14 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 demo: $(STAMP)
 	$(PY) -m experiments.demo
 
+# lint, then the tests and the docstring examples of mfac (--doctest-modules, set in pyproject.toml)
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(VENV)/bin/ruff check mfac tests experiments
+	$(PY) -m pytest -q -n 2 -m "not slow" tests mfac
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -n 2
+	$(VENV)/bin/ruff check mfac tests experiments
+	$(PY) -m pytest -q -n 2 tests mfac
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench_core
