@@ -19,7 +19,6 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,26 +36,40 @@ def elapsed(fn: Callable[[], Any], clock: Clock = time.perf_counter) -> float:
     return clock() - start
 
 
-@dataclass
 class Stopwatch:
-    """The duration of a ``with stopwatch():`` block: ``seconds`` (``None`` while it runs)."""
+    """Wall time since it was started: ``seconds`` (frozen by :meth:`stop` or at the end of a ``with``)."""
 
-    seconds: float | None = None
+    def __init__(self, clock: Clock = time.perf_counter) -> None:
+        self._clock = clock
+        self._start = clock()
+        self._stop: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        """Seconds from the start to the stop (to now while it runs)."""
+        return (self._clock() if self._stop is None else self._stop) - self._start
+
+    def stop(self) -> float:
+        """Stop (once; later calls keep the first stop) and return :attr:`seconds`."""
+        if self._stop is None:
+            self._stop = self._clock()
+        return self.seconds
+
+    def __enter__(self) -> Stopwatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
-@contextlib.contextmanager
-def stopwatch(clock: Clock = time.perf_counter) -> Iterator[Stopwatch]:
-    """Time a block once (a training run, a section of a script): ``with stopwatch() as sw: ...``.
+def stopwatch(clock: Clock = time.perf_counter) -> Stopwatch:
+    """Time something once (a training run, a section of a script), started now.
 
-    ``sw.seconds`` is set when the block ends, also when it raises. For comparisons between
+    ``with stopwatch() as watch: ...`` then ``watch.seconds`` (stopped when the block ends, also when it
+    raises); or ``watch = stopwatch()`` ... ``watch.seconds`` for a running total. For comparisons between
     implementations use :func:`time_interleaved` instead.
     """
-    watch = Stopwatch()
-    start = clock()
-    try:
-        yield watch
-    finally:
-        watch.seconds = clock() - start
+    return Stopwatch(clock)
 
 
 def time_interleaved(

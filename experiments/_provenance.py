@@ -20,12 +20,13 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from experiments._measure import stopwatch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,12 +100,12 @@ class RunRecord:
             "dirty": dirty,
             "load_avg_before": _load(),
         }
-        self._start = time.perf_counter()
+        self._watch = stopwatch()
 
     @property
     def seconds(self) -> float:
         """Seconds since the record was started (progress lines)."""
-        return time.perf_counter() - self._start
+        return self._watch.seconds
 
     def finish(self, **settings: Any) -> dict[str, Any]:
         """The record with the environment, the run's duration and ``settings`` (the script's own)."""
