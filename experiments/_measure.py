@@ -23,8 +23,6 @@ from typing import Any
 
 import torch
 
-from mfac.numerics import accumulated_matmul
-
 Clock = Callable[[], float]
 
 
@@ -157,6 +155,8 @@ def static_build_floor(grads: torch.Tensor) -> dict[str, Callable[[], Any]]:
     pass, the factor cast to ``grads``' dtype; its values do not matter for the time). The floor is
     ``gram`` plus the faster triangular-solve layout: :func:`static_floor_seconds`.
     """
+    from mfac.numerics import accumulated_matmul  # here: the llm-compressor peer's venv imports this module
+
     m = grads.shape[0]
     gram = accumulated_matmul(grads, grads.T)  # shape: (m, m), float64
     gram.diagonal().add_(m)
@@ -199,6 +199,19 @@ def peak_rss(reset_ok: bool) -> int:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def measured(fn: Callable[[], Any]) -> tuple[Any, float, int]:
+    """Run ``fn()`` once; return its result, its wall seconds and the peak RSS increase (bytes) during it.
+
+    The peak is ``VmHWM`` after :func:`reset_peak` (``ru_maxrss`` where the reset is not possible, then an
+    upper bound: the peak since the process started), minus the RSS before the call; never negative.
+    """
+    before = current_rss()
+    ok = reset_peak()
+    with stopwatch() as watch:
+        out = fn()
+    return out, watch.seconds, max(peak_rss(ok) - before, 0)
 
 
 # ====================================================================== log records
