@@ -16,11 +16,12 @@ import hashlib
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from experiments._measure import stopwatch
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def train_or_load(cfg: ModelConfig, data: CharData, cache_dir: Path) -> tuple[to
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
-    start = time.perf_counter()
+    watch = stopwatch()
     for step in range(cfg.steps):
         ids = random_windows(data.train, cfg.batch, cfg.seq, gen)
         loss = lm_loss(model, ids)
@@ -145,9 +146,9 @@ def train_or_load(cfg: ModelConfig, data: CharData, cache_dir: Path) -> tuple[to
         sched.step()
         if step % 100 == 0 or step == cfg.steps - 1:
             logger.info("train step %d/%d loss %.3f (%.0f s)", step, cfg.steps, loss.item(),
-                        time.perf_counter() - start)
+                        watch.seconds)
     model.eval()
-    info = {"train_seconds": time.perf_counter() - start, "final_train_loss": loss.item(),
+    info = {"train_seconds": watch.seconds, "final_train_loss": loss.item(),
             "config": asdict(cfg), "vocab_size": data.vocab_size}
     cache_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"state": model.state_dict(), "info": info}, path)

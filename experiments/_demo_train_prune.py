@@ -6,7 +6,6 @@ Kept apart from ``demo.py`` so that the core sections run without scikit-learn o
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from tqdm.auto import tqdm
 
 import mfac
 from experiments._data import load_digits_split, loss_fn, minibatches
+from experiments._measure import stopwatch
+from experiments._metrics import accuracy
 from experiments._models import count_parameters, mlp
 from mfac.prune import magnitude_prune, prune_oneshot
 
@@ -28,12 +29,6 @@ LR_NOTE = (
     "set by the window and damp, not by the gradient's scale; lr is a fraction of that step, tuned on its "
     "own (3e-3 is the best MFAC setting of experiments/optimizer_comparison.py on this MLP, 1e-3 Adam's)."
 )
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).double().mean().item()
 
 
 def train(
@@ -55,17 +50,17 @@ def train(
         model.train()
         total, count = 0.0, 0
         for xb, yb in minibatches(split.x_train, split.y_train, 64, generator=gen):
-            start = time.perf_counter()
-            optimizer.zero_grad()
-            loss = loss_fn(model, (xb, yb))
-            loss.backward()
-            optimizer.step()
-            elapsed += time.perf_counter() - start
+            with stopwatch() as watch:
+                optimizer.zero_grad()
+                loss = loss_fn(model, (xb, yb))
+                loss.backward()
+                optimizer.step()
+            elapsed += watch.seconds
             steps += 1
             total += loss.item() * len(xb)
             count += len(xb)
         history["epoch_loss"].append(total / count)
-        history["test_acc"].append(_accuracy(model, split.x_test, split.y_test))
+        history["test_acc"].append(accuracy(model, split.x_test, split.y_test))
     history["step_time_ms"] = 1e3 * elapsed / steps
     return model, history
 
@@ -79,15 +74,15 @@ def prune_curves(model: nn.Module, split, *, ngrads: int, recompute: int,
         magnitude = copy.deepcopy(model)
         magnitude_prune(magnitude, sparsity)
         obs = copy.deepcopy(model)
-        start = time.perf_counter()
-        # damp = 1 x the mean diagonal of (1/m) G^T G at each recomputation: the joint update's scale
-        prune_oneshot(obs, loss_fn, batches, sparsity, ngrads=ngrads, damp=1.0, relative_damp=True,
-                      recompute=recompute)
-        seconds = time.perf_counter() - start
+        with stopwatch() as watch:
+            # damp = 1 x the mean diagonal of (1/m) G^T G at each recomputation: the joint update's scale
+            prune_oneshot(obs, loss_fn, batches, sparsity, ngrads=ngrads, damp=1.0, relative_damp=True,
+                          recompute=recompute)
+        seconds = watch.seconds
         rows.append({
             "sparsity": sparsity,
-            "magnitude_acc": _accuracy(magnitude, split.x_test, split.y_test),
-            "mfac_obs_acc": _accuracy(obs, split.x_test, split.y_test),
+            "magnitude_acc": accuracy(magnitude, split.x_test, split.y_test),
+            "mfac_obs_acc": accuracy(obs, split.x_test, split.y_test),
             "obs_seconds": seconds,
         })
     return rows
@@ -132,7 +127,7 @@ def run(out: Path, *, quick: bool, section) -> dict:
     sparsities = (0.5, 0.9) if quick else SPARSITIES
     prune_rows = prune_curves(base, split, ngrads=ngrads, recompute=1 if quick else 4,
                               sparsities=sparsities)
-    dense_acc = _accuracy(base, split.x_test, split.y_test)
+    dense_acc = accuracy(base, split.x_test, split.y_test)
     section(f"4. One-shot pruning of the Adam-trained MLP (dense test accuracy {dense_acc:.3f}; "
             f"OBS: M-FAC with m={ngrads}, damp = 1 x the mean Fisher diagonal (relative_damp), joint update, "
             f"{1 if quick else 4} recomputation steps; "

@@ -16,9 +16,9 @@ Usage: ``python experiments/_llmc_peer.py --job job.pt --out out.pt``
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
@@ -63,7 +63,7 @@ def main() -> None:
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from experiments._measure import current_rss, peak_rss, reset_peak
+    from experiments._measure import measured
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,13 +98,9 @@ def main() -> None:
             sparsity=sparsity, mask_structure=structure, block_size=args.block_size,
             dampening_frac=args.damp, targets=["GPT2Block"], ignore=["re:.*lm_head"],
         )
-        before = current_rss()
-        ok = reset_peak()
-        start = time.perf_counter()
-        oneshot(model=model, processor=_char_tokenizer(job["config"]["vocab_size"]), recipe=recipe,
-                dataset=loader, num_calibration_samples=len(calib))
-        seconds = time.perf_counter() - start
-        peak = max(peak_rss(ok) - before, 0)
+        call = functools.partial(oneshot, model=model, processor=_char_tokenizer(job["config"]["vocab_size"]),
+                                 recipe=recipe, dataset=loader, num_calibration_samples=len(calib))
+        _, seconds, peak = measured(call)
         state = model.state_dict()
         for name in converted:
             state[f"{name}.weight"] = state[f"{name}.weight"].T.contiguous()

@@ -1,5 +1,14 @@
-"""Measurement helpers for the benchmarks: wall time (single and interleaved), process memory (Linux
-``/proc``; ``getrusage`` as the fallback peak), and a counter of log records (e.g. a slow path taken)."""
+"""Cost measurements for the benchmarks: wall time, the two-pass floor, process memory, log records.
+
+Timing: every comparison between implementations goes through :func:`time_interleaved` (round-robin
+with a rotating start, so that load from other processes hits every function alike and the ratios stay
+meaningful on a busy machine); a one-off duration (a whole training run, a section) is a
+:func:`stopwatch`. The floor of a sliding-window step, two passes over the ``m x d`` buffer, is
+:func:`two_pass_floor`; the floor of a static build, one Gram product plus one triangular solve, is
+:func:`static_build_floor` (both return callables to time next to what they are the floor of).
+
+Memory: resident set size now and its peak (Linux ``/proc``; ``getrusage`` as the fallback peak).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +18,163 @@ import os
 import resource
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 
+Clock = Callable[[], float]
+
+
+# ====================================================================== time
+def elapsed(fn: Callable[[], Any], clock: Clock = time.perf_counter) -> float:
+    """Wall time in seconds of one call of ``fn``."""
+    start = clock()
+    fn()
+    return clock() - start
+
+
+class Stopwatch:
+    """Wall time since it was started: ``seconds`` (frozen by :meth:`stop` or at the end of a ``with``)."""
+
+    def __init__(self, clock: Clock = time.perf_counter) -> None:
+        self._clock = clock
+        self._start = clock()
+        self._stop: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        """Seconds from the start to the stop (to now while it runs)."""
+        return (self._clock() if self._stop is None else self._stop) - self._start
+
+    def stop(self) -> float:
+        """Stop (once; later calls keep the first stop) and return :attr:`seconds`."""
+        if self._stop is None:
+            self._stop = self._clock()
+        return self.seconds
+
+    def __enter__(self) -> Stopwatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def stopwatch(clock: Clock = time.perf_counter) -> Stopwatch:
+    """Time something once (a training run, a section of a script), started now.
+
+    ``with stopwatch() as watch: ...`` then ``watch.seconds`` (stopped when the block ends, also when it
+    raises); or ``watch = stopwatch()`` ... ``watch.seconds`` for a running total. For comparisons between
+    implementations use :func:`time_interleaved` instead.
+    """
+    return Stopwatch(clock)
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int,
+    warmup_fns: Mapping[str, Callable[[], Any]] | None = None,
+    *,
+    setup: Mapping[str, Callable[[], Any]] | None = None,
+    clock: Clock = time.perf_counter,
+) -> dict[str, dict]:
+    """Time each function ``repeats`` times, round-robin with a rotating start, after warm-up calls.
+
+    Round ``r`` calls the functions in their order rotated by ``r`` (``a b c``, ``b c a``, ``c a b``,
+    ...), so none is always first after a pause, and load from other processes hits every function
+    alike: ratios between them stay meaningful on a busy machine. ``warmup`` untimed rounds come first
+    (in order); ``warmup_fns`` (if given) replaces the functions for them (e.g. a smaller size of the
+    same code path when the real one takes tens of seconds). ``setup[name]`` (if given) runs untimed
+    before every call of ``name``, warm-up included (e.g. writing a fresh gradient into ``.grad``).
+
+    Returns ``{name: {"median", "min", "times"}}`` in seconds (``times`` in call order).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    names = list(fns)
+    setup = setup or {}
+    unknown = set(setup) - set(names)
+    if unknown:
+        raise ValueError(f"setup names functions that are not timed: {sorted(unknown)}")
+
+    def call(table: Mapping[str, Callable[[], Any]], name: str) -> None:
+        if name in setup:
+            setup[name]()
+        table[name]()
+
+    for _ in range(warmup):
+        for name in names:
+            call(warmup_fns or fns, name)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            if name in setup:
+                setup[name]()
+            times[name].append(elapsed(fns[name], clock))
+    return {name: {"median": statistics.median(ts), "min": min(ts), "times": ts}
+            for name, ts in times.items()}
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1, **kwargs: Any) -> float:
+    """Median wall time of ``fn`` alone: :func:`time_interleaved` with one function."""
+    return time_interleaved({"fn": fn}, repeats, warmup, **kwargs)["fn"]["median"]
+
+
+# ====================================================================== floors
+def two_pass_floor(
+    window: torch.Tensor, g: torch.Tensor | None = None, c: torch.Tensor | None = None
+) -> Callable[[], None]:
+    """The floor of a sliding-window step: the two passes ``G @ g`` and ``G.T @ c`` over ``window``.
+
+    ``window`` is the ``m x d`` buffer itself (a reference, not a copy: time the floor on the storage the
+    step reads). ``g`` ``(d,)`` and ``c`` ``(m,)`` default to fixed random vectors of the window's dtype
+    and device, drawn from a private generator (the global RNG is not touched). Time the returned callable
+    with :func:`time_interleaved` next to the step it is the floor of. Memory-bound: ``2 m d`` elements
+    read per call.
+    """
+    m, d = window.shape
+    gen = torch.Generator(device=window.device).manual_seed(0)
+    opts = {"dtype": window.dtype, "device": window.device, "generator": gen}
+    g = torch.randn(d, **opts) if g is None else g
+    c = torch.randn(m, **opts) if c is None else c
+
+    def floor() -> None:
+        torch.mv(window, g)
+        torch.mv(window.T, c)
+
+    return floor
+
+
+def static_build_floor(grads: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """The parts of a static build's floor over ``grads`` ``(m, d)``, to time interleaved with the build.
+
+    ``{"gram": G @ G.T, "trsm_left": L^{-1} G, "trsm_right": (G^T L^{-T}) as a right-sided solve}``
+    with ``L`` the Cholesky factor of ``G G^T + m I`` (the Gram accumulated in float64 in one chunked
+    pass, the factor cast to ``grads``' dtype; its values do not matter for the time). The floor is
+    ``gram`` plus the faster triangular-solve layout: :func:`static_floor_seconds`.
+    """
+    from mfac.numerics import accumulated_matmul  # here: the llm-compressor peer's venv imports this module
+
+    m = grads.shape[0]
+    gram = accumulated_matmul(grads, grads.T)  # shape: (m, m), float64
+    gram.diagonal().add_(m)
+    factor = torch.linalg.cholesky(gram).to(grads.dtype)  # shape: (m, m)
+    factor_t = factor.T.contiguous()
+    return {
+        "gram": lambda: grads @ grads.T,
+        "trsm_left": lambda: torch.linalg.solve_triangular(factor, grads, upper=False),
+        "trsm_right": lambda: torch.linalg.solve_triangular(factor_t, grads.T, upper=True, left=False),
+    }
+
+
+def static_floor_seconds(times: Mapping[str, Mapping[str, float]], stat: str = "median") -> float:
+    """``gram`` plus the faster of ``trsm_left`` / ``trsm_right`` from :func:`time_interleaved`'s result."""
+    return times["gram"][stat] + min(times["trsm_left"][stat], times["trsm_right"][stat])
+
+
+# ====================================================================== memory
 def current_rss() -> int:
     """Resident set size of this process now, in bytes."""
     with open("/proc/self/statm") as fh:
@@ -39,46 +201,20 @@ def peak_rss(reset_ok: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
-    """Median wall time in seconds of ``repeats`` calls of ``fn``, after one untimed call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def measured(fn: Callable[[], Any]) -> tuple[Any, float, int]:
+    """Run ``fn()`` once; return its result, its wall seconds and the peak RSS increase (bytes) during it.
 
-
-def elapsed(fn: Callable[[], Any]) -> float:
-    """Wall time in seconds of one call of ``fn``."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-                     warmup_fns: dict[str, Callable[[], Any]] | None = None) -> dict[str, dict]:
-    """Time each function ``repeats`` times, round-robin with a rotating start, after warm-up calls.
-
-    Interleaving makes load from other processes hit every function alike, so ratios between them stay
-    meaningful on a busy machine. ``warmup_fns`` (if given) replaces the functions for the warm-up (e.g. a
-    smaller size of the same code path when the real one takes tens of seconds). Returns
-    ``{name: {"median", "min", "times"}}`` in seconds.
+    The peak is ``VmHWM`` after :func:`reset_peak` (``ru_maxrss`` where the reset is not possible, then an
+    upper bound: the peak since the process started), minus the RSS before the call; never negative.
     """
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            (warmup_fns or fns)[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeats):
-        k = rep % len(names)
-        for name in names[k:] + names[:k]:
-            times[name].append(elapsed(fns[name]))
-    return {name: {"median": statistics.median(ts), "min": min(ts), "times": ts}
-            for name, ts in times.items()}
+    before = current_rss()
+    ok = reset_peak()
+    with stopwatch() as watch:
+        out = fn()
+    return out, watch.seconds, max(peak_rss(ok) - before, 0)
 
 
+# ====================================================================== log records
 class _Counter(logging.Handler):
     def __init__(self, substring: str) -> None:
         super().__init__(logging.DEBUG)

@@ -45,16 +45,10 @@ on 2 cores.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import multiprocessing as mp
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,12 +56,22 @@ from typing import Any
 
 import torch
 
-from experiments._measure import current_rss, elapsed, peak_rss, reset_peak, time_interleaved
+from experiments._measure import (
+    current_rss,
+    peak_rss,
+    reset_peak,
+    static_build_floor,
+    static_floor_seconds,
+    time_interleaved,
+    two_pass_floor,
+)
+from experiments._metrics import rel_err_max
 from experiments._paper_reference import (
     PaperSlidingWindow,
     diag_rowloop,
     static_recursion,
 )
+from experiments._provenance import RunRecord, commit_label, git_state
 from experiments._report import fmt_d, fmt_e, fmt_x, jsonable, md_head, md_row
 from mfac import SlidingInverseFisher, StaticInverseFisher
 from mfac.numerics import MFACWarning, accumulated_matmul
@@ -163,12 +167,6 @@ def _cholesky_inverse64(gram64: torch.Tensor, shift: float) -> torch.Tensor:
     return torch.cholesky_inverse(torch.linalg.cholesky(system))
 
 
-def _lower_factor(gram64: torch.Tensor, shift: float, dtype: torch.dtype) -> torch.Tensor:
-    system = gram64.clone()
-    system.diagonal().add_(shift)
-    return torch.linalg.cholesky(system).to(dtype)
-
-
 def _load_steady_state(op: SlidingInverseFisher, gram64: torch.Tensor) -> None:
     """Install a full, wrapped window (its rows already in ``op``'s buffer) through ``load_state_dict``.
 
@@ -214,12 +212,14 @@ def _float64_combine(window: torch.Tensor, coeffs: torch.Tensor,
     return out
 
 
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Max-norm relative error ``|a - e|_inf / |e|_inf`` (inf if ``a`` has NaN)."""
-    actual = actual.to(torch.float64)
-    if not bool(torch.isfinite(actual).all()):
-        return float("inf")
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
+#: the names ``experiments.bench_step`` imports from here (the kit's, under their former names)
+_rel_err = rel_err_max
+
+
+def _git_state() -> str:
+    """``HEAD``'s short hash, ``+dirty (paths)`` when the checkout has changes (:mod:`_provenance`)."""
+    commit, dirty = git_state()
+    return commit_label({"commit": commit, "dirty": dirty})
 
 
 # ====================================================================== sections
@@ -263,28 +263,24 @@ def run_sliding(ctx: Context, m: int, d: int, grads_out: list) -> dict:
     nsteps = args.warmup + args.repeats
     stream = gen.rows(2 * nsteps + 4, seed=args.seed + 2)
     it = iter(range(10**9))
-    coeff = torch.randn(m, dtype=DTYPE)
 
     def ours() -> None:
         op.update_mul(stream[next(it) % stream.shape[0]])
 
-    def floor() -> None:
-        torch.mv(window, stream[0])
-        torch.mv(window.T, coeff)
-
+    floor = two_pass_floor(window, stream[0])
     t = time_interleaved({"ours": ours, "floor": floor}, args.repeats, args.warmup)
     row["ours_s"] = t["ours"]["median"]
     row["floor_s"] = t["floor"]["median"]
     row["ratio"] = row["ours_s"] / row["floor_s"]
     row["times"] = t
     # the refactor every m steps (Cholesky + inverse of M, O(m^3)), forced through the state dict
-    refactor = []
-    for _ in range(min(3, args.repeats)):
+    def force_refactor() -> None:
         state = op.state_dict()
         state["since_refactor"] = m
         op.load_state_dict(state)
-        refactor.append(elapsed(ours))
-    row["refactor_step_s"] = statistics.median(refactor)
+
+    t = time_interleaved({"refactor": ours}, min(3, args.repeats), 0, setup={"refactor": force_refactor})
+    row["refactor_step_s"] = t["refactor"]["median"]
     row["refactor_amortized_ratio"] = (
         row["ours_s"] + (row["refactor_step_s"] - row["ours_s"]) / m
     ) / row["floor_s"]
@@ -311,9 +307,6 @@ def run_static(ctx: Context, m: int, d: int, grads: torch.Tensor) -> tuple[dict,
     """Static build vs ``G G^T`` + triangular solve. Returns the row and the last built operator."""
     args = ctx.args
     row: dict[str, Any] = {"m": m, "d": d}
-    gram64 = accumulated_matmul(grads, grads.T)
-    factor = _lower_factor(gram64, m * TIMING_DAMP, DTYPE)  # shape: (m, m)
-    factor_t = factor.T.contiguous()
     built: list = [None]
     calls = [0]
 
@@ -324,20 +317,13 @@ def run_static(ctx: Context, m: int, d: int, grads: torch.Tensor) -> tuple[dict,
         if calls[0] == args.warmup + args.repeats:
             built[0] = op
 
-    fns = {
-        "ours": ours,
-        "gram": lambda: grads @ grads.T,
-        "trsm_left": lambda: torch.linalg.solve_triangular(factor, grads, upper=False),
-        "trsm_right": lambda: torch.linalg.solve_triangular(factor_t, grads.T, upper=True,
-                                                            left=False),
-    }
-    t = time_interleaved(fns, args.repeats, args.warmup)
+    t = time_interleaved({"ours": ours, **static_build_floor(grads)}, args.repeats, args.warmup)
     row["ours_s"] = t["ours"]["median"]
     row["gram_s"] = t["gram"]["median"]
     row["trsm_left_s"] = t["trsm_left"]["median"]
     row["trsm_right_s"] = t["trsm_right"]["median"]
     row["trsm_s"] = min(row["trsm_left_s"], row["trsm_right_s"])
-    row["floor_s"] = row["gram_s"] + row["trsm_s"]
+    row["floor_s"] = static_floor_seconds(t)
     row["ratio"] = row["ours_s"] / row["floor_s"]
     row["times"] = t
     return row, built[0]
@@ -396,7 +382,7 @@ def run_apply(ctx: Context, m: int, d: int, grads: torch.Tensor, op: StaticInver
     den = torch.full((m,), 2.0 * m, dtype=DTYPE)  # timing only: the values do not matter
     fns = {
         "mul": lambda: op.mul(x),
-        "two_pass": lambda: (torch.mv(grads, x), torch.mv(grads.T, coeff)),
+        "two_pass": two_pass_floor(grads, x, coeff),
         "diag": op.diag,
         "one_pass_gemv": lambda: torch.mv(grads.T, coeff),
         "one_pass_sum": lambda: grads.sum(dim=0),
@@ -515,9 +501,9 @@ def run_accuracy(ctx: Context, m: int, d: int, base: torch.Tensor, repeated: boo
                 comb = _float64_combine(window, sol)  # (d, 2)
                 truth = comb[:, 0]
                 generic = (g.to(torch.float64) - comb[:, 1]) / damp
-                errs.append(_rel_err(ours, truth))
-                perrs.append(_rel_err(theirs, truth))
-                checks.append(_rel_err(generic, truth))
+                errs.append(rel_err_max(ours, truth))
+                perrs.append(rel_err_max(theirs, truth))
+                checks.append(rel_err_max(generic, truth))
         rows.append({
             "m": m, "d": d, "damp": damp, "gradients": "repeated" if repeated else "structured",
             "ours": max(errs), "paper": max(perrs), "truth_check": max(checks),
@@ -538,13 +524,11 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     ctx = Context(args)
     sections = set(args.sections)
-    started = time.perf_counter()
-    load_before = os.getloadavg()
-    commit = _git_state()  # the code measured is the code imported now
+    record = RunRecord(args.argv)
     log = print if not args.silent else (lambda *a, **k: None)
 
     for m, d in _grid(args):
-        log(f"[bench_core] m={m} d={fmt_d(d)}  ({time.perf_counter() - started:.0f} s)", flush=True)
+        log(f"[bench_core] m={m} d={fmt_d(d)}  ({record.seconds:.0f} s)", flush=True)
         grads_box: list = []
         skip_1 = ctx.fits(m, d, 1)
         skip_2 = ctx.fits(m, d, 2)
@@ -630,57 +614,34 @@ def run(args: argparse.Namespace) -> dict:
             ctx.results["memory"].append(row)
 
     results = {
-        "meta": _meta(args, time.perf_counter() - started, load_before, commit),
+        "meta": _meta(args, record),
         **{name: ctx.results[name] for name in SECTIONS if name in sections},
     }
     results["targets"] = _targets(results)
     return results
 
 
-def _git_state() -> str:
-    """``HEAD`` commit of the repository, with ``+dirty mfac`` if ``mfac/`` has local changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mfac"], cwd=root, text=True,
-                               capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" +dirty mfac" if dirty else "")
-
-
-def _meta(args: argparse.Namespace, elapsed: float, load_before: tuple, commit: str) -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "load_avg_before": list(load_before),
-        "load_avg_after": list(os.getloadavg()),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "dtype": str(DTYPE),
-        "timing_damp": TIMING_DAMP,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "grid_m": list(args.m),
-        "grid_d": list(args.d),
-        "mem_budget_gib": args.mem_gb,
-        "max_gflop": args.max_gflop,
-        "recursion_max_gflop": args.recursion_max_gflop,
-        "block_size": args.block_size,
-        "block_sample": args.block_sample,
-        "acc_steps": args.acc_steps,
-        "quick": args.quick,
-        "elapsed_s": elapsed,
-        "generator": (
+def _meta(args: argparse.Namespace, record: RunRecord) -> dict:
+    """The run record (:mod:`experiments._provenance`) with this benchmark's settings."""
+    return record.finish(
+        dtype=str(DTYPE),
+        timing_damp=TIMING_DAMP,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        grid_m=list(args.m),
+        grid_d=list(args.d),
+        mem_budget_gib=args.mem_gb,
+        max_gflop=args.max_gflop,
+        recursion_max_gflop=args.recursion_max_gflop,
+        block_size=args.block_size,
+        block_sample=args.block_sample,
+        acc_steps=args.acc_steps,
+        quick=args.quick,
+        generator=(
             "g = s*(sqrt(0.3) mu + U c + sqrt(0.3) n)/Z: log-normal per-coordinate scale s, shared mean "
             "direction mu, rank-8 U with weights ~1/k^2 (total variance 0.4), i.i.d. noise n, E|g|^2=1"
         ),
-    }
+    )
 
 
 def _ok(rows: list[dict]) -> list[dict]:
@@ -688,7 +649,7 @@ def _ok(rows: list[dict]) -> list[dict]:
 
 
 def _targets(res: dict) -> list[dict]:
-    """The issue's targets, each with the measured worst case and whether it is met."""
+    """The targets, each with the measured worst case and whether it is met."""
     out = []
 
     def add(name: str, target: str, values: list[float], ok: Callable[[float], bool],
@@ -745,11 +706,11 @@ def render_markdown(res: dict) -> str:
     lines = [
         "# mfac core benchmark",
         "",
-        f"{meta['date']}, mfac at {meta['commit']}; torch {meta['torch']}, {meta['threads']} threads, "
-        f"{meta['cpu_count']} CPUs ({meta['processor']}); {meta['dtype']}; median of "
+        f"{meta['date']}, mfac at {commit_label(meta)}; torch {meta['torch']}, {meta['threads']} threads, "
+        f"{meta['cpu_count']} CPUs ({meta['cpu']}); {meta['dtype']}; median of "
         f"{meta['repeats']} after {meta['warmup']} warm-up call(s), interleaved; timing damp = "
         f"{meta['timing_damp']:g}; memory budget {meta['mem_budget_gib']:g} GiB; run took "
-        f"{meta['elapsed_s']:.0f} s; load average (1 min) {meta['load_avg_before'][0]:.1f} before, "
+        f"{meta['seconds']:.0f} s; load average (1 min) {meta['load_avg_before'][0]:.1f} before, "
         f"{meta['load_avg_after'][0]:.1f} after (other processes share the cores).",
         "",
     ]
@@ -930,6 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark; returns the results dict (also written to ``--out``)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.m = args.m or QUICK["m"]
         args.d = args.d or QUICK["d"]

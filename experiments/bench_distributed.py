@@ -32,10 +32,8 @@ oversubscribed (and says so). Times on a shared CPU box are noisy; the byte coun
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,6 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from experiments._measure import stopwatch, time_interleaved, two_pass_floor
+from experiments._provenance import RunRecord
 
 DEFAULTS = {"d": 1_000_000, "m": 256, "worlds": [1, 2, 4], "steps": 20, "warmup": 3}
 QUICK = {"d": 200_000, "m": 32, "worlds": [1, 2, 4], "steps": 6, "warmup": 2}
@@ -91,49 +92,40 @@ def _worker(rank: int, world: int, args: argparse.Namespace, tmp: Path) -> None:
     for _ in range(args.warmup):  # steady state
         op.update_mul(grad())
     fresh = [grad() for _ in range(args.steps)]  # drawn before the clock starts
+
+    def steps_over(grads: list[torch.Tensor]):
+        it = iter(grads)
+        return lambda: op.update_mul(next(it))
+
     op.comm.reset()
     dist.barrier()
-    step_s: list[float] = []
     sent0 = _sent_bytes()
-    for g in fresh:
-        began = time.perf_counter()
-        op.update_mul(g)
-        step_s.append(time.perf_counter() - began)
+    step_s = time_interleaved({"step": steps_over(fresh)}, args.steps, 0)["step"]["times"]
     sent1 = _sent_bytes()
     counted = op.comm.allreduce_bytes / args.steps
     calls = op.comm.allreduce_calls / args.steps
     # the floor: the two local passes over this rank's window, interleaved with more steps so that
-    # load from other processes hits both alike (their ratio is the number to read)
-    window = op.window
-    c = torch.randn(m, generator=gen)
-    floor_s, step2_s = [], []
-    for g in fresh:
-        began = time.perf_counter()
-        window @ g
-        c @ window
-        floor_s.append(time.perf_counter() - began)
-        began = time.perf_counter()
-        op.update_mul(g)
-        step2_s.append(time.perf_counter() - began)
+    # load from other processes hits both alike (their ratio is the number to read); every rank runs
+    # the same order, so the steps' all-reduces stay matched
+    pair = time_interleaved({"floor": two_pass_floor(op.window, fresh[0]), "step": steps_over(fresh)},
+                            args.steps, 0)
+    floor_s, step2_s = pair["floor"]["times"], pair["step"]["times"]
     del fresh
     # one all-reduce of m float64 alone
     vec = torch.zeros(m, dtype=torch.float64)
     dist.barrier()
-    ar_s = []
-    for _ in range(max(5, args.steps)):
-        began = time.perf_counter()
+
+    def all_reduce() -> None:
         if world > 1:
             dist.all_reduce(vec)
-        ar_s.append(time.perf_counter() - began)
+
+    ar_s = time_interleaved({"allreduce": all_reduce}, max(5, args.steps), 0)["allreduce"]["times"]
     # DDP: the all-gather of the (d,) step for replicated parameters
     local_step = op.update_mul(grad())
     dist.barrier()
-    gather_s = []
     sent2 = _sent_bytes()
-    for _ in range(max(3, args.steps // 4)):
-        began = time.perf_counter()
-        gather_full(local_step, spec)
-        gather_s.append(time.perf_counter() - began)
+    gather_s = time_interleaved({"gather": lambda: gather_full(local_step, spec)},
+                                max(3, args.steps // 4), 0)["gather"]["times"]
     sent3 = _sent_bytes()
     result = {
         "rank": rank,
@@ -294,29 +286,18 @@ def main(argv: list[str] | None = None) -> int:
         _worker(int(rank), int(world), args, Path(tmp))
         return 0
     cores = os.cpu_count() or 1
+    record = RunRecord(argv)
     rows = []
     for world in args.worlds:
-        began = time.perf_counter()
-        ranks = _launch(world, args)
+        with stopwatch() as watch:
+            ranks = _launch(world, args)
         rows.append(_row(world, ranks, args.m, cores))
-        print(f"R={world}: done in {time.perf_counter() - began:.1f} s", file=sys.stderr)
+        print(f"R={world}: done in {watch.seconds:.1f} s", file=sys.stderr)
     table = _table(rows, args.m, args.d)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cores": cores,
-        "d": args.d,
-        "m": args.m,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "quick": args.quick,
-        "damp": DAMP,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
+    meta = record.finish(d=args.d, m=args.m, steps=args.steps, warmup=args.warmup, quick=args.quick,
+                         damp=DAMP)
     (args.out / "bench_distributed.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=2)
     )

@@ -21,15 +21,18 @@ from pathlib import Path
 import torch
 
 import mfac
-from experiments._measure import count_log_records, time_interleaved
+from experiments._measure import (
+    count_log_records,
+    static_build_floor,
+    static_floor_seconds,
+    time_interleaved,
+    two_pass_floor,
+)
+from experiments._metrics import rel_err_max
 from experiments._paper_reference import PaperSlidingWindow
+from experiments._provenance import RunRecord
 
 DEFAULT_OUT = Path("results/demo")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def exactness_table(seed: int = 0) -> list[dict]:
@@ -46,21 +49,22 @@ def exactness_table(seed: int = 0) -> list[dict]:
          torch.block_diag(*[mfac.DenseInverseFisher(grads[:, s:s + 64], damp).matrix
                             for s in range(0, d, 64)])),
     ]:
-        rows.append({"operator": name, "dtype": "float64", "mul": _rel(op.mul(x), x @ ref),
-                     "diag": _rel(op.diag(), ref.diagonal())})
+        rows.append({"operator": name, "dtype": "float64", "mul": rel_err_max(op.mul(x), x @ ref),
+                     "diag": rel_err_max(op.diag(), ref.diagonal())})
     window = mfac.SlidingInverseFisher(d, m, damp, dtype=torch.float64)
     stream = torch.randn(3 * m, d, generator=gen, dtype=torch.float64)
     for g in torch.cat([stream, grads]):
         window.update(g)
     rows.append({"operator": "SlidingInverseFisher (after 3 wraps)", "dtype": "float64",
-                 "mul": _rel(window.mul(x), x @ dense), "diag": _rel(window.diag(), dense.diagonal())})
+                 "mul": rel_err_max(window.mul(x), x @ dense),
+                 "diag": rel_err_max(window.diag(), dense.diagonal())})
     # float32 hot path against float64 truth
     w32 = mfac.SlidingInverseFisher(d, m, damp, dtype=torch.float32)
     w64 = mfac.SlidingInverseFisher(d, m, damp, dtype=torch.float64)
     worst = 0.0
     for g in torch.cat([stream, grads]):
         y32, y64 = w32.update_mul(g.float()), w64.update_mul(g)
-        worst = max(worst, _rel(y32, y64))
+        worst = max(worst, rel_err_max(y32, y64))
     rows.append({"operator": "SlidingInverseFisher.update_mul", "dtype": "float32 vs float64",
                  "mul": worst, "diag": float("nan")})
     return rows
@@ -102,20 +106,15 @@ def speed_table(m: int, d: int, *, repeats: int = 9, warmup: int = 2) -> list[di
     paper = PaperSlidingWindow(window.window.clone(), 1e-5, next_row=window.next_row)
     calls = warmup + repeats
     stream = torch.randn(2 * calls, d, generator=gen)  # one fresh gradient per timed call of each step
-    buf, c = window.window, torch.randn(m, generator=gen)
     with count_log_records(FALLBACK_LOGGER, FALLBACK_MESSAGE) as redos:
         t = time_interleaved({
             "ours": sliding_steps(window, stream[:calls]),
             "paper": sliding_steps(paper, stream[calls:]),
-            "floor": lambda: (torch.mv(buf, stream[0]), torch.mv(buf.T, c)),
+            "floor": two_pass_floor(window.window, stream[0]),
         }, repeats, warmup)
-    upper = torch.linalg.cholesky(grads @ grads.T + m * torch.eye(m)).mT.contiguous()
-    tb = time_interleaved({
-        "ours": lambda: mfac.StaticInverseFisher(grads, 1e-5),
-        # Gram + the faster (right-sided) layout of the triangular solve
-        "floor": lambda: (grads @ grads.T,
-                          torch.linalg.solve_triangular(upper, grads.mT, upper=True, left=False)),
-    }, 3, 1)
+    # the floor of the build: the Gram product + the faster layout of the triangular solve
+    tb = time_interleaved({"ours": lambda: mfac.StaticInverseFisher(grads, 1e-5),
+                           **static_build_floor(grads)}, 3, 1)
     floor = t["floor"]["median"]
 
     def row(what: str, time_s: float, floor_s: float, redo: int | float) -> dict:
@@ -125,7 +124,7 @@ def speed_table(m: int, d: int, *, repeats: int = 9, warmup: int = 2) -> list[di
     return [
         row("sliding update_mul (fresh gradient per step)", t["ours"]["median"], floor, redos.count),
         row("paper's sliding step (refactor every step)", t["paper"]["median"], floor, float("nan")),
-        row("static build", tb["ours"]["median"], tb["floor"]["median"], float("nan")),
+        row("static build", tb["ours"]["median"], static_floor_seconds(tb), float("nan")),
     ]
 
 
@@ -149,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for the tests")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    record = RunRecord(argv)
     results: dict = {}
     report: list[str] = ["# mfac demo", ""]
 
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     from experiments import _demo_train_prune
 
     results.update(_demo_train_prune.run(args.out, quick=args.quick, section=section))
+    results["meta"] = record.finish(quick=args.quick)
 
     (args.out / "demo.json").write_text(json.dumps(results, indent=2, default=str))
     (args.out / "demo.md").write_text("\n".join(report))

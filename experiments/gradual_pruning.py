@@ -51,11 +51,8 @@ import copy
 import itertools
 import json
 import math
-import os
-import platform
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,7 +66,10 @@ if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments._data import Batches, Split, load_split, loss_fn, minibatches
+from experiments._measure import stopwatch
+from experiments._metrics import accuracy, mean_std
 from experiments._models import build_model, count_parameters
+from experiments._provenance import RunRecord
 from experiments._report import md_head, md_row
 from mfac.collect import collect_grads
 from mfac.params import default_prunable, writable_parameter
@@ -122,15 +122,6 @@ def build(name: str, image_shape: tuple[int, ...] = (1, 8, 8)) -> nn.Module:
     return build_model(name, image_shape, hidden=(128, 64))
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    was = model.training
-    model.eval()
-    acc = float((model(x).argmax(1) == y).float().mean())
-    model.train(was)
-    return acc
-
-
 def make_sgd(model: nn.Module, cfg: dict) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
 
@@ -172,7 +163,7 @@ def pruner_kwargs(method: str, cfg: dict, damp: float) -> dict[str, Any]:
 def run_one(dense: nn.Module, name: str, method: str, target: float, seed: int, split, cfg: dict,
             damp: float) -> dict[str, Any]:
     """Gradual pruning + fine-tuning of a copy of ``dense``; returns the history and final numbers."""
-    tick = time.perf_counter()
+    watch = stopwatch()
     model = copy.deepcopy(dense).train()
     opt = make_sgd(model, cfg)
     spe = math.ceil(len(split.x_train) / cfg["batch_size"])  # steps per epoch
@@ -198,9 +189,9 @@ def run_one(dense: nn.Module, name: str, method: str, target: float, seed: int, 
     for epoch in range(total_epochs):
         for batch in minibatches(split.x_train, split.y_train, cfg["batch_size"], generator=gen):
             if schedule.is_pruning_step(step) and schedule.sparsity(step) > 0.0:
-                t0 = time.perf_counter()
-                pruner.step(step)
-                prune_seconds += time.perf_counter() - t0
+                with stopwatch() as prune_watch:
+                    pruner.step(step)
+                prune_seconds += prune_watch.seconds
                 history.append({"step": step, "epoch": epoch, "event": "prune",
                                 "sparsity": pruner.sparsity,
                                 "acc": accuracy(model, split.x_test, split.y_test)})
@@ -235,7 +226,7 @@ def run_one(dense: nn.Module, name: str, method: str, target: float, seed: int, 
         "mean_prune_drop": statistics.fmean(drops), "max_prune_drop": max(drops),
         "sparsity": reached, "weight_sparsity": zeros / nweights, "prunable": nweights,
         "steps": step, "steps_per_epoch": spe, "prune_events": len(schedule.pruning_steps) - 1,
-        "prune_seconds": prune_seconds, "seconds": time.perf_counter() - tick, "history": history,
+        "prune_seconds": prune_seconds, "seconds": watch.seconds, "history": history,
     }
 
 
@@ -276,12 +267,6 @@ def run(cfg: dict, progress: bool) -> dict[str, Any]:
     return {"models": models, "runs": runs}
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
-
-
 def summarize(res: dict, cfg: dict) -> list[dict]:
     rows = []
     for name in cfg["models"]:
@@ -291,8 +276,8 @@ def summarize(res: dict, cfg: dict) -> list[dict]:
                        and r["target"] == target]
                 if not sel:
                     continue
-                fin = _mean_std([100 * r["final_acc"] for r in sel])
-                after = _mean_std([100 * r["acc_after_last_prune"] for r in sel])
+                fin = mean_std([100 * r["final_acc"] for r in sel])
+                after = mean_std([100 * r["acc_after_last_prune"] for r in sel])
                 rows.append({
                     "model": name, "target": target, "method": method, "seeds": len(sel),
                     "final_acc_mean": fin[0], "final_acc_std": fin[1],
@@ -313,7 +298,7 @@ def markdown(res: dict, cfg: dict) -> str:
         lines += ["**Validation run**: trained on 80 % of the training set; every 'test' accuracy below "
                   "is on the held-out 20 % of the training set, not on the test set.", ""]
     for name, info in res["models"].items():
-        dense = _mean_std([100 * a for a in info["dense_acc"]])
+        dense = mean_std([100 * a for a in info["dense_acc"]])
         lines.append(f"- **{name}**: {info['params']} parameters, {info['prunable']} prunable weights "
                      f"(Linear/Conv); dense test accuracy {dense[0]:.1f} ± {dense[1]:.1f} %; "
                      f"damp = {statistics.fmean(info['damp']):.2e} ({cfg['damp_rel']:g} x mean "
@@ -452,14 +437,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if cfg["prune_epochs"] % cfg["prune_every"]:
         raise SystemExit(f"--prune-epochs ({cfg['prune_epochs']}) must be a multiple of --prune-every "
                          f"({cfg['prune_every']})")
-    started = time.perf_counter()
-    load_before = os.getloadavg()
+    record = RunRecord(argv)
     res = run(cfg, progress=not args.no_progress)
     res["summary"] = summarize(res, cfg)
     res["config"] = {**cfg, "quick": args.quick}
-    res["meta"] = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(),
-                   "cpu_count": os.cpu_count(), "load_avg_before": list(load_before),
-                   "load_avg_after": list(os.getloadavg()), "seconds": time.perf_counter() - started}
+    res["meta"] = record.finish()
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(res, cfg) + f"\nTotal run time: {res['meta']['seconds']:.0f} s.\n"
     (args.out / "results.json").write_text(json.dumps(res, indent=1))

@@ -57,11 +57,8 @@ import argparse
 import json
 import math
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,15 +73,26 @@ if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments._data import load_digits_split, minibatches
-from experiments._measure import current_rss, peak_rss, reset_peak
+from experiments._measure import (
+    current_rss,
+    peak_rss,
+    reset_peak,
+    static_build_floor,
+    static_floor_seconds,
+    stopwatch,
+    time_interleaved,
+    two_pass_floor,
+)
+from experiments._metrics import rel_err
 from experiments._models import mlp
 from experiments._paper_reference import (
     PaperSlidingWindow,
     recursion_mul,
     static_recursion,
 )
+from experiments._provenance import RunRecord
 from experiments._report import fmt_d, fmt_e, fmt_x, jsonable, md_head, md_row
-from experiments.bench_core import GradientGenerator, time_interleaved
+from experiments.bench_core import GradientGenerator
 from mfac import DenseInverseFisher, SlidingInverseFisher, StaticInverseFisher
 from mfac.collect import collect_grads
 from mfac.numerics import MFACWarning
@@ -140,18 +148,6 @@ QUICK: dict[str, Any] = {
 
 
 # ====================================================================== small helpers
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``|a - e|_2 / |e|_2`` in float64; ``inf`` when ``a`` is not finite (a failed product)."""
-    actual = actual.to(F64)
-    if not bool(torch.isfinite(actual).all()):
-        return float("inf")
-    return float(torch.linalg.vector_norm(actual - expected) / torch.linalg.vector_norm(expected))
-
-
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
 def _fmt_t(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "-"
@@ -294,20 +290,9 @@ def run_exactness(cfg: dict, seed: int, progress: bool) -> list[dict]:
 # ====================================================================== 2. cost
 def _time_build(m: int, d: int, gen: GradientGenerator, args, cfg: dict) -> dict:
     grads = gen.rows(m, seed=args.seed + 11)  # (m, d) float32
-    gram64 = grads.to(F64) @ grads.to(F64).T if d * m <= 4e7 else None
-    if gram64 is None:
-        gram64 = (grads @ grads.T).to(F64)
-    gram64.diagonal().add_(m * TIMING_DAMP)
-    factor = torch.linalg.cholesky(gram64).to(F32)
-    factor_t = factor.T.contiguous()
     small = grads[: min(m, 8), : min(d, 4096)].contiguous()
     with_rec = m * m * d <= cfg["recursion_max"]
-    fns = {
-        "ours": lambda: StaticInverseFisher(grads, TIMING_DAMP),
-        "gram": lambda: grads @ grads.T,
-        "trsm_left": lambda: torch.linalg.solve_triangular(factor, grads, upper=False),
-        "trsm_right": lambda: torch.linalg.solve_triangular(factor_t, grads.T, upper=True, left=False),
-    }
+    fns = {"ours": lambda: StaticInverseFisher(grads, TIMING_DAMP), **static_build_floor(grads)}
     if with_rec:
         fns["recursion"] = lambda: static_recursion(grads, TIMING_DAMP)
     warm = dict(fns)
@@ -318,7 +303,7 @@ def _time_build(m: int, d: int, gen: GradientGenerator, args, cfg: dict) -> dict
         t = time_interleaved(fns, cfg["repeats"], cfg["warmup"], warmup_fns=warm)
     row = {"m": m, "d": d, **{f"{k}_s": v["median"] for k, v in t.items()}}
     row["trsm_s"] = min(row["trsm_left_s"], row["trsm_right_s"])
-    row["floor_s"] = row["gram_s"] + row["trsm_s"]
+    row["floor_s"] = static_floor_seconds(t)
     row["ratio"] = row["ours_s"] / row["floor_s"]
     row["recursion_s"] = row.get("recursion_s")
     row["recursion_over_ours"] = row["recursion_s"] / row["ours_s"] if with_rec else None
@@ -339,8 +324,6 @@ def _time_step(m: int, d: int, gen: GradientGenerator, args, cfg: dict) -> dict:
             op.update(g)
         op.update(stream[-1])  # ... and wrap: steady state from here on
         paper = PaperSlidingWindow(op.window.clone(), TIMING_DAMP, next_row=op.next_row)
-        coeff = torch.randn(m, dtype=F32)
-        probe = stream[0]
         counter = {"ours": 0, "paper": 0}
 
         def ours() -> None:
@@ -351,10 +334,7 @@ def _time_step(m: int, d: int, gen: GradientGenerator, args, cfg: dict) -> dict:
             paper.update_mul(stream[counter["paper"] % nsteps])
             counter["paper"] += 1
 
-        def floor() -> None:
-            torch.mv(op.window, probe)
-            torch.mv(op.window.T, coeff)
-
+        floor = two_pass_floor(op.window, stream[0])  # the ring buffer itself (a view, not a copy)
         t = time_interleaved({"ours": ours, "floor": floor, "paper": paper_step}, repeats, cfg["warmup"])
     row = {"m": m, "d": d, **{f"{k}_s": v["median"] for k, v in t.items()}}
     row["ratio"] = row["ours_s"] / row["floor_s"]
@@ -700,31 +680,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if cfg["repeats"] < 5:
         raise SystemExit(f"--repeats must be >= 5 (medians of at least 5), got {cfg['repeats']}")
     progress = not args.no_progress
-    started = time.perf_counter()
-    load_before = os.getloadavg()
+    record = RunRecord(argv)
     res: dict[str, Any] = {}
     timings: dict[str, float] = {}
     if "exactness" in args.sections:
-        tick = time.perf_counter()
-        res["exactness"] = run_exactness(cfg, args.seed, progress)
-        timings["exactness"] = time.perf_counter() - tick
+        with stopwatch() as watch:
+            res["exactness"] = run_exactness(cfg, args.seed, progress)
+        timings["exactness"] = watch.seconds
     if "cost" in args.sections:
-        tick = time.perf_counter()
-        res["cost"] = run_cost(cfg, args, progress)
-        res["slopes"] = cost_slopes(res["cost"])
-        timings["cost"] = time.perf_counter() - tick
+        with stopwatch() as watch:
+            res["cost"] = run_cost(cfg, args, progress)
+            res["slopes"] = cost_slopes(res["cost"])
+        timings["cost"] = watch.seconds
     if "memory" in args.sections:
-        tick = time.perf_counter()
-        res["memory"] = run_memory(cfg, args, args.quick)
-        timings["memory"] = time.perf_counter() - tick
+        with stopwatch() as watch:
+            res["memory"] = run_memory(cfg, args, args.quick)
+        timings["memory"] = watch.seconds
     res["summary"] = summarize(res)
-    res["meta"] = {
-        "quick": args.quick, "config": {k: v for k, v in cfg.items()}, "seed": args.seed,
-        "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "cpu_count": os.cpu_count(),
-        "load_avg_before": list(load_before), "load_avg_after": list(os.getloadavg()),
-        "seconds": time.perf_counter() - started, "section_seconds": timings,
-    }
+    res["meta"] = record.finish(quick=args.quick, config=dict(cfg), seed=args.seed,
+                                section_seconds=timings)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = res["meta"]
     text = ["# IHVP exactness and cost", "",

@@ -28,12 +28,9 @@ import argparse
 import copy
 import json
 import logging
-import os
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -50,7 +47,8 @@ from experiments._chargpt import (
     random_windows,
     train_or_load,
 )
-from experiments._measure import current_rss, peak_rss, reset_peak
+from experiments._measure import measured
+from experiments._provenance import RunRecord
 from experiments._report import jsonable, md_head, md_row
 from mfac.prune import magnitude_prune, prune_layerwise, prune_oneshot
 
@@ -84,16 +82,6 @@ def targets_of(model) -> list[str]:
 
 def fwd(model, ids):
     return model(input_ids=ids)
-
-
-def measured(fn):
-    """Run ``fn()``; return its result, wall seconds, and the peak RSS increase in bytes during it."""
-    before = current_rss()
-    ok = reset_peak()
-    start = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - start
-    return out, seconds, max(peak_rss(ok) - before, 0)
 
 
 def run_ours(method, dense, setting, calib, args):
@@ -230,6 +218,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    record = RunRecord(argv)
     settings = [s for s in args.settings.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     if args.peer_python:
@@ -255,8 +244,6 @@ def main(argv=None) -> dict:
                   f"{cfg.steps} steps x {cfg.batch} windows ({info['train_seconds']:.0f} s); "
                   f"{args.ncalib} calibration windows, {len(valid)} validation windows of held-out plays"),
         "config": vars(args) | {"out": str(args.out)},
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "cpus": os.cpu_count()},
         "train": info,
         "dense": {"ppl": perplexity(dense, valid)},
         "runs": {},
@@ -291,6 +278,7 @@ def main(argv=None) -> dict:
                     "ppl": ppl, "seconds": seconds, "peak_mib": mem / 2**20,
                     "sparsity": pruned_sparsity(model)}
                 logger.info("llmcompressor %s: ppl %.3f, %.1f s", setting, ppl, seconds)
+    results["meta"] = record.finish()
     (args.out / "results.json").write_text(json.dumps(jsonable(results), indent=1))
     (args.out / "results.md").write_text(markdown(results, settings))
     plot(results, settings, args.out / "perplexity.png")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -37,8 +36,10 @@ if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments._data import load_split, minibatches
-from experiments._measure import median_time
+from experiments._measure import median_seconds, time_interleaved, two_pass_floor
+from experiments._metrics import evaluate, mean_std
 from experiments._models import build_model, count_parameters, resnet20_like
+from experiments._provenance import RunRecord
 from mfac.optim import MFAC
 
 DEFAULT_OUT = Path("results/optimizer_comparison")
@@ -109,16 +110,6 @@ def make_optimizer(name: str, params, lr: float, cfg: Config) -> torch.optim.Opt
 
 
 # ------------------------------------------------------------------------------ training
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) on the whole set."""
-    model.eval()
-    logits = model(x)
-    model.train()
-    loss = nn.functional.cross_entropy(logits, y).item()
-    return loss, (logits.argmax(1) == y).double().mean().item()
-
-
 def _sync(device: torch.device) -> None:
     """Wait for queued GPU work, so that wall-clock timings mean something off the CPU."""
     if device.type == "cuda":
@@ -186,10 +177,9 @@ def train_run(model_name: str, opt_name: str, lr: float, seed: int, data, cfg: C
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std over the seeds whose run did not diverge (NaN, NaN when none)."""
     values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean_std(values) if values else (math.nan, math.nan)
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -252,10 +242,10 @@ def step_time_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dic
         model.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
 
-    fwd_bwd = median_time(forward_backward, 3)
+    fwd_bwd = median_seconds(forward_backward, 3)
     params = [p for p in model.parameters() if p.grad is not None]
     adam = torch.optim.Adam(params, lr=1e-3, foreach=True)
-    adam_ms = 1e3 * median_time(adam.step, cfg.timing_steps)
+    adam_ms = 1e3 * median_seconds(adam.step, cfg.timing_steps)
     rows = [
         {
             "optimizer": "Adam (foreach)",
@@ -272,21 +262,23 @@ def step_time_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dic
     for m in cfg.timing_ngrads:
         opt = MFAC(params, lr=0.0, ngrads=m, damp=cfg.mfac_damp)  # lr 0: the model stays put
 
-        def timed_step(opt=opt) -> float:
+        def fresh_gradient() -> None:  # untimed: a new gradient for every step
             for p in params:
                 p.grad.normal_(generator=gen)
-            start = time.perf_counter()
-            opt.step()
-            return time.perf_counter() - start
 
-        fill = [
-            timed_step()
-            for _ in tqdm(range(m), desc=f"fill m={m}", leave=False, disable=not progress)
-        ]
-        steady = statistics.median(timed_step() for _ in range(cfg.timing_steps))
-        window = opt.inverse_fisher.window  # shape: (m, d), read only
-        g, c = torch.randn(d), torch.randn(m)
-        floor = median_time(lambda w=window, g=g, c=c: (w @ g, c @ w), cfg.timing_steps)
+        bar = tqdm(total=m, desc=f"fill m={m}", leave=False, disable=not progress)
+
+        def fill_step(opt=opt, bar=bar) -> None:
+            opt.step()
+            bar.update()
+
+        fill = time_interleaved({"fill": fill_step}, m, 0, setup={"fill": fresh_gradient})["fill"]["times"]
+        bar.close()
+        window = opt.inverse_fisher.window  # shape: (m, d), the window itself (read only)
+        # steady-state steps interleaved with their floor, the two passes over the same window
+        t = time_interleaved({"step": opt.step, "floor": two_pass_floor(window)}, cfg.timing_steps, 1,
+                             setup={"step": fresh_gradient})
+        steady, floor = t["step"]["median"], t["floor"]["median"]
         rows.append(
             {
                 "optimizer": "MFAC",
@@ -492,6 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
         "0: torch's default)",
     )
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     threads = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -502,6 +495,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run(args: argparse.Namespace) -> dict:
+    record = RunRecord(args.argv)
     cfg = Config.quick() if args.quick else Config()
     if args.epochs is not None:
         cfg = replace(cfg, epochs=args.epochs)
@@ -537,12 +531,7 @@ def _run(args: argparse.Namespace) -> dict:
     table = markdown_tables(sweep, best, timing, context, cfg)
     results = {
         "config": asdict(cfg),
-        "environment": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-        },
+        "meta": record.finish(),
         "train_size": len(data[0]),
         "test_size": len(data[2]),
         "runs": runs,

@@ -30,12 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import subprocess
 import sys
-import time
 from copy import deepcopy
 from pathlib import Path
 
@@ -47,7 +43,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments._data import Batches, load_split, loss_fn, minibatches
+from experiments._measure import current_rss, peak_rss, stopwatch
+from experiments._metrics import accuracy, mean_std
 from experiments._models import build_model, count_parameters, resnet20_like
+from experiments._provenance import RunRecord
 from mfac.collect import collect_grads
 from mfac.fisher import StaticInverseFisher
 from mfac.numerics import NotPositiveDefiniteError
@@ -69,29 +68,39 @@ class CachedFisher(FisherCurvature):
 
     Every run starts from the same trained model, so the first-step gradients and ``F^{-1}`` are the
     same for all targets: the first ``m`` rows of one collection of ``max(ngrads)`` gradients are
-    used
-    (nested sets), and the operator is built once per ``(m, block_size)`` (``store``). Later steps
-    (recomputation, on the pruned model) collect fresh gradients and build as usual. This only saves
-    time: the results equal those of a plain ``FisherCurvature`` on the same gradients.
+    used (nested sets), and the operator is built once per ``(m, block_size, damp)`` (``store``). Later
+    steps (recomputation, on the pruned model) collect fresh gradients and build as usual. Only the
+    hooks of ``FisherCurvature`` are overridden (where ``G`` comes from, which operator is built, the
+    route): ``prepare`` and the updates are the library's, so the results equal those of a plain
+    ``FisherCurvature`` on the same gradients through the materialised route.
     """
 
     def __init__(self, cache: torch.Tensor, store: dict, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.cache = cache
+        self.cache = cache  # shape: (max(ngrads), d), the dense model's gradients
         self.store = store
 
-    def prepare(self, model, space: ParamSpace) -> None:
-        if space.kept_dim != space.dim:
-            super().prepare(model, space)
-            return
-        self.release()
+    def _dense(self, kept: int) -> bool:
+        """Whether a step over ``kept`` coordinates is the dense model's (nothing pruned yet)."""
+        return kept == self.cache.shape[1]
+
+    def streams(self, kept: int) -> bool:
+        # the dense step builds from the cached G (materialised); recomputation steps route as usual
+        return False if self._dense(kept) else super().streams(kept)
+
+    def _gradients(self, model, space: ParamSpace) -> torch.Tensor:
+        if not self._dense(space.kept_dim):
+            return super()._gradients(model, space)
         grads = self.cache[: self.ngrads]
-        key = (self.ngrads, self.block_size, self.damp)
-        if key not in self.store:
-            finv = StaticInverseFisher(grads, self.damp, block_size=self.block_size)
-            self.store[key] = (finv, finv.diag())
-        self._finv, self._diag = self.store[key]
-        self._grads = grads.clone() if self.retain_grads else None
+        return grads.clone() if self.retain_grads else grads  # the joint update consumes its copy
+
+    def _build(self, grads: torch.Tensor, damp: float):
+        if not self._dense(grads.shape[1]):
+            return super()._build(grads, damp)
+        key = (self.ngrads, self.block_size, damp)
+        if key not in self.store:  # never in place: the cache and the stored operator are shared
+            self.store[key] = StaticInverseFisher(grads, damp, block_size=self.block_size)
+        return self.store[key]
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -111,12 +120,6 @@ def train(name: str, seed: int, x, y, epochs: int) -> nn.Module:
             loss_fn(model, batch).backward()
             opt.step()
     return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x, y) -> float:
-    model.eval()
-    return float((model(x).argmax(1) == y).float().mean())
 
 
 def clone(model: nn.Module, name: str) -> nn.Module:
@@ -325,7 +328,7 @@ def run_digits(args) -> dict:
             store: dict = {}
             bar = tqdm(plan, desc=f"{name} seed {seed}", leave=False)
             for method in bar:
-                tick = time.perf_counter()
+                watch = stopwatch()
 
                 def evaluate(m):
                     return accuracy(m, split.x_test, split.y_test)
@@ -352,18 +355,13 @@ def run_digits(args) -> dict:
                         "method": label(method),
                         **method,
                         "acc": {str(k): v for k, v in accs.items()},
-                        "seconds": time.perf_counter() - tick,
+                        "seconds": watch.seconds,
                     }
                 )
     return results
 
 
 # ---------------------------------------------------------------------------------------- ResNet-20 timing
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def timing_child(args) -> None:
     print(json.dumps(measure_timing(args, args.timing_update, args.timing_block)))
 
@@ -386,24 +384,22 @@ def measure_timing(args, update: str, block: int | None) -> dict:
     names = default_prunable(model)
     d = sum(p.numel() for nm, p in model.named_parameters() if nm in names)
     collect_grads(model, loss_fn, data, 4, params=names, **collect)  # warm up the per-sample path
-    base = _rss_bytes()
-    tick = time.perf_counter()
-    prune_oneshot(
-        model,
-        loss_fn,
-        data,
-        0.9,
-        ngrads=args.timing_ngrads,
-        damp=1e-4,
-        block_size=block,
-        update=update,
-        collect=collect,
-    )
-    t_total = time.perf_counter() - tick
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    tick = time.perf_counter()
-    collect_grads(model, loss_fn, data, args.timing_ngrads, params=names, **collect)
-    t_collect = time.perf_counter() - tick
+    base = current_rss()
+    with stopwatch() as total:
+        prune_oneshot(
+            model,
+            loss_fn,
+            data,
+            0.9,
+            ngrads=args.timing_ngrads,
+            damp=1e-4,
+            block_size=block,
+            update=update,
+            collect=collect,
+        )
+    peak = peak_rss(reset_ok=False)  # ru_maxrss: the peak since this (fresh) process started
+    with stopwatch() as collection:
+        collect_grads(model, loss_fn, data, args.timing_ngrads, params=names, **collect)
     return {
         "d": d,
         "params": count_parameters(model),
@@ -411,8 +407,8 @@ def measure_timing(args, update: str, block: int | None) -> dict:
         "update": update,
         "block": block,
         "threads": args.threads,
-        "collect_s": t_collect,
-        "total_s": t_total,
+        "collect_s": collection.seconds,
+        "total_s": total.seconds,
         "peak_extra_bytes": peak - base,
         "factor_bytes": args.timing_ngrads * d * 4,
     }
@@ -446,6 +442,8 @@ def run_timing(args) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------- report
 def _mean_std(values: list[float | None]) -> str:
+    """Accuracies (fractions) as ``"mean ± std"`` in %, std over seeds with ``ddof=0``; diverged runs
+    (``None``) counted apart."""
     failed = sum(v is None for v in values)
     if failed:
         return (
@@ -453,8 +451,8 @@ def _mean_std(values: list[float | None]) -> str:
             if failed == len(values)
             else (_mean_std([v for v in values if v is not None]) + f" ({failed} diverged)")
         )
-    arr = 100 * np.asarray(values)
-    return f"{arr.mean():.1f} ± {arr.std():.1f}" if len(arr) > 1 else f"{arr.mean():.1f}"
+    mean, std = mean_std([100 * v for v in values], ddof=0)
+    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
 def tables(results: dict, sparsities) -> str:
@@ -490,7 +488,7 @@ def tables(results: dict, sparsities) -> str:
             cells = [_mean_std([r["acc"][str(s)] for r in rs]) for s in sparsities]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("Test accuracy (%) without fine-tuning, mean ± std over seeds.")
+    lines.append("Test accuracy (%) without fine-tuning, mean ± std over seeds (population std, ddof=0).")
     return "\n".join(lines)
 
 
@@ -615,7 +613,7 @@ def main(argv=None) -> None:
         args.width, args.timing_ngrads = 2, 8
         args.train_limit = 1500  # the larger data sets (MNIST, Shakespeare) in seconds too
     args.out.mkdir(parents=True, exist_ok=True)
-    tick = time.perf_counter()
+    record = RunRecord(argv)
     results = run_digits(args)
     results["timing"] = [] if args.no_timing else run_timing(args)
     results["config"] = {
@@ -629,11 +627,8 @@ def main(argv=None) -> None:
         "seeds": args.seeds,
         "epochs": args.epochs,
         "quick": args.quick,
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "machine": platform.machine(),
-        "seconds": time.perf_counter() - tick,
     }
+    results["meta"] = record.finish()
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     report(results, args.out)
 
@@ -673,7 +668,8 @@ def report(results: dict, out: Path) -> None:
             timing_table(results["timing"]),
             "",
         ]
-    text.append(f"Total run time: {results['config']['seconds']:.0f} s.")
+    meta = results.get("meta", results["config"])  # results.json files written before "meta" existed
+    text.append(f"Total run time: {meta['seconds']:.0f} s.")
     (out / "results.md").write_text("\n".join(text) + "\n")
     plot(results, sparsities, out / "accuracy_vs_sparsity.png")
     print("\n".join(text))
@@ -713,7 +709,7 @@ def summary_table(results: dict, sparsities) -> str:
                 cells = [_mean_std(_acc(runs, method, s)) for s in sparsities]
                 lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Test accuracy (%) without fine-tuning, mean ± std over seeds.")
+    lines.append("Test accuracy (%) without fine-tuning, mean ± std over seeds (population std, ddof=0).")
     return "\n".join(lines)
 
 

@@ -143,6 +143,9 @@ class FisherCurvature(Curvature):
 
     Updates: ``"independent"`` is one ``mul``; ``"joint"`` is exact joint removal; ``"none"`` only zeros.
 
+    Subclass hooks: :meth:`streams` (the route), ``_gradients`` (where the materialised ``G`` comes from)
+    and ``_build`` (the operator built from it); ``prepare`` itself stays the one implementation.
+
     Args:
         loss_fn: ``loss_fn(model, batch) -> scalar``.
         data: iterable of batches, iterated afresh at each step (a list or a DataLoader).
@@ -227,6 +230,7 @@ class FisherCurvature(Curvature):
         check_memory(need, space.device, what, advice)
 
     def _gradients(self, model: nn.Module, space: ParamSpace) -> torch.Tensor:
+        """Return ``G`` ``(m, k)`` at the current weights, kept coordinates (materialised route's hook)."""
         return collect_grads(
             model,
             self.loss_fn,
@@ -280,11 +284,18 @@ class FisherCurvature(Curvature):
             self._diag = self._finv.diag()
             return
         grads = self._gradients(model, space)  # shape: (m, k)
-        self._finv = StaticInverseFisher(
-            grads, self._damp_for(grads), block_size=self.block_size, overwrite=not self.retain_grads
-        )
+        self._finv = self._build(grads, self._damp_for(grads))
         self._grads = grads if self.retain_grads else None
         self._diag = self._finv.diag()
+
+    def _build(self, grads: torch.Tensor, damp: float) -> InverseFisher:
+        """Return ``F^{-1}`` of ``grads`` ``(m, k)`` with the absolute ``damp`` (materialised route's hook).
+
+        Builds a :class:`~mfac.fisher.StaticInverseFisher` (in ``grads``' memory unless ``retain_grads``).
+        A subclass may return an operator it built before from the same gradients (several runs from one
+        model); with ``retain_grads`` it must leave ``grads`` intact (the joint update reuses them).
+        """
+        return StaticInverseFisher(grads, damp, block_size=self.block_size, overwrite=not self.retain_grads)
 
     def saliency(self, w: torch.Tensor) -> torch.Tensor:
         """Return ``w^2 / (2 diag(F^{-1}))``."""
@@ -306,10 +317,8 @@ class FisherCurvature(Curvature):
             raise RuntimeError("the joint update needs the gradients: build with retain_grads=True")
         self._finv = None  # free the factor before the second build
         grads, self._grads = self._grads, None
-        # a subclass's own ``prepare`` may not have set ``last_damp``: derive it from ``G`` then
-        damp = self.last_damp if self.last_damp is not None else self._damp_for(grads)
         return restricted_joint_update(
-            w, grads, damp, removed, block_size=self.block_size, overwrite=True
+            w, grads, self.last_damp, removed, block_size=self.block_size, overwrite=True
         )
 
     def group_saliency(self, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
