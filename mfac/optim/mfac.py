@@ -146,11 +146,6 @@ class _MFACBase(Optimizer):
         for key, flag in (("save_window", save_window), ("skip_nonfinite", skip_nonfinite)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{key} must be a bool, got {type(flag).__name__} {flag!r}")
-        if distributed is not None and not isinstance(distributed, Placement):
-            raise TypeError(
-                "distributed must be a mfac.distributed.DistributedWindow or None, got "
-                f"{type(distributed).__name__}"
-            )
         density = check_density(density)
         #: kept fraction of each gradient in a compressed window (None: the dense window).
         self._density = None if density == 1.0 else density
@@ -158,6 +153,11 @@ class _MFACBase(Optimizer):
             raise ValueError(
                 f"density={density} (a compressed window) cannot be combined with distributed: "
                 "the compressed window is not sharded; use density=None with distributed"
+            )
+        if distributed is not None and not isinstance(distributed, Placement):
+            raise TypeError(
+                "distributed must be a mfac.distributed.DistributedWindow or None, got "
+                f"{type(distributed).__name__}"
             )
         #: where the window lives (mfac.optim._placement): one process, or torch.distributed ranks.
         self._placement: Placement = (
