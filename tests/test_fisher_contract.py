@@ -221,3 +221,94 @@ class TestSlidingUpdateMul:
                 assert torch.equal(out, single.update_mul(g)), t
         assert len(redone) >= 3  # steps 3..5 cancel (each window holds the repeated row >= 3 times)
         assert any(issubclass(w.category, mfac.NumericalWarning) for w in caught)
+
+
+class TestSlidingGrow:
+    """``grow``: new coordinates are zero in every stored row; the m x m state is kept as it is."""
+
+    def _stream(self, steps, d, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(steps, d, generator=gen, dtype=torch.float64)
+
+    @pytest.mark.parametrize("average_over", ["seen", "ngrads"])
+    def test_grown_window_equals_a_fresh_one_fed_the_padded_gradients(self, average_over):
+        d_old, dim, m, damp = 7, 11, 3, 1e-3
+        index = torch.tensor([0, 1, 3, 4, 5, 8, 9])
+        before, after = self._stream(5, d_old), self._stream(4, dim, seed=1)  # 5 steps: one wrap
+        op = mfac.SlidingInverseFisher(d_old, m, damp, dtype=torch.float64, average_over=average_over)
+        for g in before[:2]:
+            op.update(g)
+        op.update_mul(before[2], check_finite=False)  # a pending unchecked step's checks are kept
+        for g in before[3:]:
+            op.update(g)
+        gram, inv, seen = op._gram.clone(), op._inv.clone(), op.num_seen
+        op.grow(dim, index)
+        assert op.dim == dim and op.num_seen == seen
+        assert torch.equal(op._gram, gram) and torch.equal(op._inv, inv)
+        padded = torch.zeros(5, dim, dtype=torch.float64)
+        padded[:, index] = before
+        fresh = mfac.SlidingInverseFisher(dim, m, damp, dtype=torch.float64, average_over=average_over)
+        for g in padded:
+            fresh.update(g)
+        x = self._stream(2, dim, seed=2)
+        scale = m if average_over == "ngrads" else min(5, m)
+        assert rel_err(op.mul(x), x @ dense_inverse(padded[-m:], damp, scale)) <= TOL
+        assert rel_err(op.mul(x), fresh.mul(x)) <= TOL
+        stream = torch.cat([padded, after])
+        for t, g in enumerate(after, start=5):
+            window = stream[t + 1 - m : t + 1]
+            expected = dense_inverse(window, damp) @ g
+            assert rel_err(op.update_mul(g), expected) <= TOL, t
+            assert rel_err(fresh.update_mul(g), expected) <= TOL, t
+
+    def test_compressed_window_grows_with_its_rows_remapped(self):
+        d_old, dim, m, damp = 40, 70, 3, 1e-2
+        index = torch.cat([torch.arange(0, 10), torch.arange(30, 60)])
+        op = mfac.CompressedSlidingInverseFisher(d_old, m, damp, density=0.25, block=16, dtype=torch.float64)
+        for g in self._stream(4, d_old):
+            op.update(g)
+        window, error, gram = op.window.clone(), op.error.clone(), op._gram.clone()
+        op.grow(dim, index)
+        assert op.row_size >= int(0.25 * dim) and torch.equal(op._gram, gram)
+        grown = torch.zeros(m, dim, dtype=torch.float64)
+        grown[:, index] = window
+        assert torch.equal(op.window, grown) and torch.equal(op.error[index], error)
+        x = self._stream(2, dim, seed=3)
+        assert rel_err(op.mul(x), x @ dense_inverse(grown, damp)) <= TOL
+        g = self._stream(1, dim, seed=4)[0]  # the next step compresses over the new layout
+        out = op.update_mul(g)
+        assert rel_err(out, dense_inverse(op.window, damp) @ op.window[op.next_row - 1]) <= TOL
+
+    @pytest.mark.parametrize(
+        ("dim", "index", "error", "match"),
+        [
+            (5, torch.arange(6), ValueError, r"dim must be >= the window's dim=6"),
+            (9, torch.arange(5), ValueError, r"index must have shape \(6,\)"),
+            (9, torch.tensor([0, 1, 2, 2, 3, 4]), ValueError, "strictly increasing"),
+            (9, torch.tensor([0, 1, 2, 3, 4, 9]), ValueError, r"values in \[0, 9\)"),
+            (9, torch.arange(6.0), TypeError, "index must be an integer tensor"),
+            (9, [0, 1, 2, 3, 4, 5], TypeError, "index must be an integer tensor"),
+        ],
+    )
+    def test_bad_growth_is_refused_before_anything_changes(self, dim, index, error, match):
+        op = mfac.SlidingInverseFisher(6, 2, 1e-2, dtype=torch.float64)
+        op.update(self._stream(1, 6)[0])
+        window = op.window.clone()
+        with pytest.raises(error, match=match):
+            op.grow(dim, index)
+        assert op.dim == 6 and torch.equal(op.window, window)
+
+    def test_a_growth_that_does_not_fit_leaves_the_window_as_it_was(self):
+        op = mfac.SlidingInverseFisher(6, 2, 1e-2, dtype=torch.float64)
+        g = self._stream(1, 6)[0]
+        expected = op.update_mul(g)
+        with pytest.raises(MemoryError, match="gradient window"):
+            op.grow(2**46, torch.arange(6))  # 2 * 2^46 float64: 1 PiB
+        assert op.dim == 6 and torch.equal(op.window[0], g)
+        op.reset()
+        assert torch.equal(op.update_mul(g), expected)
+
+    def test_a_sharded_window_cannot_grow(self):
+        op = ShardedSlidingInverseFisher(6, 2, 1e-2, dtype=torch.float64)
+        with pytest.raises(NotImplementedError, match="sharded window cannot grow"):
+            op.grow(9, torch.arange(6))
