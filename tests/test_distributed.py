@@ -106,6 +106,14 @@ def test_world_of_one_equals_the_single_process_operator():
     )
     with pytest.raises(NotImplementedError, match="scipy"):
         op.to_scipy()
+    # the single-process methods over placement hooks: the checkpoint carries the layout, and a state
+    # without one (a single-process window's) is refused before anything changes
+    assert op.state_dict()["shard"] == {"bounds": [0, d], "rank": 0}
+    with pytest.raises(ValueError, match="no 'shard' entry"):
+        op.load_state_dict(ref.state_dict())
+    assert op.num_seen == ref.num_seen and torch.equal(op.mul(x), ref.mul(x))
+    with pytest.raises(IndexError, match=r"idx \(global coordinates\) must lie in \[0, 17\)"):
+        op.submatrix(torch.tensor([d]))
 
 
 def test_consolidate_and_reshard_offline():

@@ -235,7 +235,6 @@ class InverseFisher(abc.ABC):
         """Raise ``NotImplementedError`` if public ``method`` cannot work under this placement."""
 
     # ------------------------------------------------------------------ hooks
-
     def _group_solve(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Pieces of equal size are solved together: gather ``(n, s, s)`` submatrices, batched Cholesky."""
         from mfac.numerics import SMALL_DTYPE, batched_spd_solve
