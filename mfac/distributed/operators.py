@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from mfac.distributed._comm import (
     CommStats,
@@ -94,8 +95,6 @@ class _Sharded:
     def _all_reduce(self, tensor: torch.Tensor, kind: Literal["allreduce", "other"]) -> None:
         if self._world == 1:
             return
-        import torch.distributed as dist
-
         buf = tensor if tensor.is_contiguous() else tensor.contiguous()
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self._group)
         if buf is not tensor:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from mfac.distributed._comm import CommStats, _comm_device, _rank_world
 from mfac.distributed._layout import ShardSpec
@@ -150,8 +151,6 @@ class DistributedWindow:
         """
         ok = torch.tensor([1.0 if bool(torch.isfinite(flat).all()) else 0.0], device=flat.device)
         if _rank_world(self.process_group)[1] > 1:
-            import torch.distributed as dist
-
             ok = ok.to(_comm_device(self.process_group))
             dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.process_group)
             self.comm.record("other", ok.element_size())
