@@ -106,6 +106,14 @@ def test_world_of_one_equals_the_single_process_operator():
     )
     with pytest.raises(NotImplementedError, match="scipy"):
         op.to_scipy()
+    # the single-process methods over placement hooks: the checkpoint carries the layout, and a state
+    # without one (a single-process window's) is refused before anything changes
+    assert op.state_dict()["shard"] == {"bounds": [0, d], "rank": 0}
+    with pytest.raises(ValueError, match="no 'shard' entry"):
+        op.load_state_dict(ref.state_dict())
+    assert op.num_seen == ref.num_seen and torch.equal(op.mul(x), ref.mul(x))
+    with pytest.raises(IndexError, match=r"idx \(global coordinates\) must lie in \[0, 17\)"):
+        op.submatrix(torch.tensor([d]))
 
 
 def test_consolidate_and_reshard_offline():
@@ -379,11 +387,16 @@ def ranks_that_disagree_raise_everywhere(ctx: Ctx) -> None:
     bad = torch.randn(5, 4, dtype=F64)
     if odd:
         bad[0, 0] = float("nan")
-        with pytest.raises(ValueError, match="finite"):
-            ShardedStaticInverseFisher(bad, 1e-3)
+    # full operator: found on the all-reduced Gram diagonal (no isfinite pass), so every rank raises
+    with pytest.raises(ValueError, match="1 NaN" if odd else "another rank's grads hold NaN"):
+        ShardedStaticInverseFisher(bad, 1e-3)
+    # whole blocks on each rank: the rank whose blocks hold the NaN raises, the others are told
+    if odd:
+        with pytest.raises(ValueError, match="1 NaN"):
+            ShardedStaticInverseFisher(bad, 1e-3, block_size=2)
     else:
         with pytest.raises(RuntimeError, match="failed their local checks"):
-            ShardedStaticInverseFisher(bad, 1e-3)
+            ShardedStaticInverseFisher(bad, 1e-3, block_size=2)
     with pytest.raises(ValueError, match="ranks disagree on block_size"):
         ShardedStaticInverseFisher(torch.randn(5, 4, dtype=F64), 1e-3, block_size=2 if odd else 4)
     # and the group is still in step afterwards
@@ -531,8 +544,7 @@ def _placement_trajectory(model, placement, data, rank, R, lr, m, damp, ddp, exp
             window = placement.new_fisher(
                 flat.numel(), m, damp, params=params, dtype=flat.dtype, device=flat.device
             )
-        assert placement.all_finite(flat)
-        step = placement.update_mul(window, flat)
+        step = placement.update_mul(window, flat)  # with the finiteness vote (all_finite)
         offset = 0
         with torch.no_grad():
             for p in params:

@@ -389,3 +389,81 @@ def test_skip_nonfinite_skips_the_step(cls):
     assert torch.isnan(
         model[0].weight.grad[0, 0]
     )  # the preconditioner leaves p.grad for GradScaler
+
+
+# ---------------------------------------------------------------------------------- placement
+class RecordingPlacement:
+    """The local placement's behaviour, recording every call the optimizer makes (the protocol)."""
+
+    def __init__(self, nonfinite_elsewhere_at: int | None = None):
+        from mfac.optim._placement import LocalPlacement
+
+        self._inner = LocalPlacement()
+        self.calls: list[str] = []
+        self.elsewhere_at = nonfinite_elsewhere_at
+
+    def local(self, tensor):
+        self.calls.append("local")
+        return tensor
+
+    def new_fisher(self, dim, ngrads, damp, **kwargs):
+        self.calls.append("new_fisher")
+        return self._inner.new_fisher(dim, ngrads, damp, **kwargs)
+
+    def update_mul(self, fisher, flat, *, check_finite=True):
+        from mfac.optim._placement import NonFiniteElsewhere
+
+        self.calls.append("update_mul")
+        if self.calls.count("update_mul") == self.elsewhere_at:
+            raise NonFiniteElsewhere("another process's gradient is not finite")
+        return self._inner.update_mul(fisher, flat, check_finite=check_finite)
+
+
+def test_a_placement_is_driven_through_the_protocol_and_the_default_is_local():
+    model, twin = make_model(), make_model()
+    placement = RecordingPlacement()
+    opt = MFAC(model.parameters(), lr=0.1, ngrads=3, damp=1e-2, momentum=0.5, distributed=placement)
+    ref = MFAC(twin.parameters(), lr=0.1, ngrads=3, damp=1e-2, momentum=0.5)
+    assert type(ref._placement).__name__ == "LocalPlacement"
+    for step in range(5):
+        backward(model, step)
+        backward(twin, step)
+        opt.step()
+        ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True))
+    assert placement.calls.count("new_fisher") == 1 and placement.calls.count("update_mul") == 5
+    assert "local" in placement.calls
+
+
+def test_a_vote_that_finds_a_nonfinite_gradient_elsewhere_skips_or_raises_everywhere():
+    model = make_model()
+    opt = MFAC(model.parameters(), lr=0.1, ngrads=3, damp=1e-2,
+               distributed=RecordingPlacement(nonfinite_elsewhere_at=2))
+    backward(model, 0)
+    opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    backward(model, 1)
+    with pytest.raises(ValueError, match="the part of the parameters another rank holds"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    skipping = MFAC(make_model().parameters(), ngrads=3, skip_nonfinite=True,
+                    distributed=RecordingPlacement(nonfinite_elsewhere_at=1))
+    backward(make_model(), 0)
+    for p in skipping.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    skipping.step()
+    assert (skipping.num_steps, skipping.num_skipped) == (0, 1)
+
+
+def test_a_distributed_window_cannot_grow_and_says_why():
+    from mfac.distributed import DistributedWindow
+
+    model = make_model()
+    opt = MFAC(model.parameters(), ngrads=3, damp=1e-2, distributed=DistributedWindow())
+    backward(model, 0)
+    model[2].weight.grad = None
+    opt.step()
+    backward(model, 1)
+    with pytest.raises(NotImplementedError, match=r"cannot grow.*\(1 got their first one later\)"):
+        opt.step()
+    assert opt.inverse_fisher.dim == sum(p.numel() for p in model.parameters()) - model[2].weight.numel()

@@ -31,7 +31,16 @@ class InverseFisher(abc.ABC):
 
     Subclasses implement ``_mul`` (on ``(k, d)``), ``_diag`` and ``_submatrix`` (on a validated 1-D
     index tensor), and the properties ``ngrads``.
+
+    Placement hooks (a placed operator, e.g. the column-sharded ones of :mod:`mfac.distributed`,
+    overrides these and nothing public): :meth:`_reduce` (every sum over the ``d`` coordinates that
+    feeds the ``m x m`` algebra), :attr:`_index_dim` (how many coordinates an index may address),
+    :meth:`_to_dense` and :meth:`_check_available`. Their defaults are the single-process ones: no
+    communication.
     """
+
+    #: how an index argument is named in error messages (a sharded operator: global coordinates).
+    _index_label = "idx"
 
     def __init__(
         self,
@@ -162,14 +171,14 @@ class InverseFisher(abc.ABC):
 
     def to_dense(self) -> torch.Tensor:
         """Return ``F^{-1}`` as an explicit ``(d, d)`` matrix (tests, notebooks, tiny ``d`` only)."""
-        eye = torch.eye(self._dim, dtype=self._dtype, device=self._device)
-        return self._to_io(self._mul(eye))
+        return self._to_io(self._to_dense())
 
     def to_scipy(self):
         """Return a ``scipy.sparse.linalg.LinearOperator`` view (float64 numpy in and out).
 
         The view is symmetric (``rmatvec == matvec``); it computes in the operator's dtype and device.
         """
+        self._check_available("to_scipy")
         from scipy.sparse.linalg import LinearOperator
 
         def matmat(x: np.ndarray) -> np.ndarray:
@@ -197,20 +206,35 @@ class InverseFisher(abc.ABC):
             raise TypeError(f"idx must be an integer index tensor, got dtype {idx.dtype}")
         if idx.dim() != 1:
             raise ValueError(f"idx must be 1-D, got shape {tuple(idx.shape)}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self._dim):
+        bound = self._index_dim
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= bound):
             raise IndexError(
-                f"idx must lie in [0, {self._dim}), got values in [{int(idx.min())}, {int(idx.max())}]"
+                f"{self._index_label} must lie in [0, {bound}), got values in "
+                f"[{int(idx.min())}, {int(idx.max())}]"
             )
         return idx.to(device=self._device, dtype=torch.long)
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ placement hooks
     def _reduce(self, partial: torch.Tensor) -> None:  # noqa: B027  (a hook with a no-op default)
-        """Sum partial contractions over the ``d`` coordinates (``G x``, ``G G^T``) across shards.
+        """Sum partial contractions over the ``d`` coordinates (``G x``, ``G G^T``, ``|v|^2``) across shards.
 
         In place. The identity on one process; sharded operators (``mfac.distributed``) all-reduce here.
         Only ``m``-sized vectors and ``m x m`` matrices ever pass through it.
         """
 
+    @property
+    def _index_dim(self) -> int:
+        """Number of coordinates indices address: ``d`` (a sharded operator: the global ``d``)."""
+        return self._dim
+
+    def _to_dense(self) -> torch.Tensor:
+        """``F^{-1}`` as a ``(d, d)`` matrix in the compute dtype: ``F^{-1}`` applied to the identity."""
+        return self._mul(torch.eye(self._dim, dtype=self._dtype, device=self._device))
+
+    def _check_available(self, method: str) -> None:  # noqa: B027  (a hook with a no-op default)
+        """Raise ``NotImplementedError`` if public ``method`` cannot work under this placement."""
+
+    # ------------------------------------------------------------------ hooks
     def _group_solve(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Pieces of equal size are solved together: gather ``(n, s, s)`` submatrices, batched Cholesky."""
         from mfac.numerics import SMALL_DTYPE, batched_spd_solve

@@ -242,6 +242,13 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         crow = torch.cat([crow, torch.tensor([self._m * self._k])])
         self._crow = crow.to(device=self._device, dtype=_INDEX_DTYPE)
 
+    def _grow_rows(self, rows: dict[str, torch.Tensor], index: torch.Tensor) -> None:
+        # new k for the new d (each block keeps its share), the old rows remapped and zero-padded
+        self._allocate_rows()
+        moved = self.remap_state(rows, index, self._dim, self._k)
+        for key, mine in self._rows_state().items():
+            mine.copy_(moved[key])
+
     def _clear_rows(self) -> None:
         self._values.zero_()
         self._indices.zero_()

@@ -63,7 +63,7 @@ from mfac.numerics import (
     safe_cholesky,
 )
 
-__all__ = ["SlidingInverseFisher"]
+__all__ = ["SlidingInverseFisher", "check_average_over"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +71,10 @@ logger = logging.getLogger(__name__)
 #: (float32 error bound eps32 * 1e3 ~ 1e-4).
 _CANCELLATION_LIMIT = 1e3
 
-_AVERAGE_OVER = ("seen", "ngrads")
-#: the keys of ``state_dict()`` (``jitter`` optional when loading: older states have none).
-#: the keys of every window's state dict; the rows' own keys come from ``_rows_state`` (``grads`` when dense)
+#: the choices of ``average_over`` (how ``s`` in ``(1/s) G^T G`` is chosen while the window fills).
+AVERAGE_OVER = ("seen", "ngrads")
+#: the keys of every window's state dict (``jitter`` optional when loading: older states have none);
+#: the rows' own keys come from ``_rows_state`` (``grads`` when dense)
 _STATE_KEYS = ("dim", "ngrads", "damp", "average_over", "num_seen", "since_refactor", "gram", "inv")
 #: relative residual of ``M c = e_r`` above which the rank-one-updated inverse is refactored.
 _RESIDUAL_TOL = 1e-10
@@ -97,6 +98,13 @@ class _Staged:
     checks: torch.Tensor  # [|g|^2, pivot margin, residual margin, cancellation margin], float64
     fast: bool  # P from the rank-two update (else refactored)
     jitter: float  # the jitter of the new P
+
+
+def check_average_over(value: Any) -> str:
+    """Return ``value`` if it is one of :data:`AVERAGE_OVER`; raise ``ValueError`` naming it otherwise."""
+    if value not in AVERAGE_OVER:
+        raise ValueError(f"average_over must be one of {AVERAGE_OVER}, got {value!r}")
+    return value
 
 
 def _verdicts(checks: list[float]) -> tuple[bool, bool, bool]:
@@ -149,8 +157,7 @@ class SlidingInverseFisher(InverseFisher):
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         damp = check_damp(damp, dtype)
-        if average_over not in _AVERAGE_OVER:
-            raise ValueError(f"average_over must be one of {_AVERAGE_OVER}, got {average_over!r}")
+        check_average_over(average_over)
         if device is not None and not isinstance(device, (str, torch.device)):
             raise TypeError(f"device must be a torch.device, a str or None, got {type(device).__name__}")
         device = torch.device(device) if device is not None else torch.empty(0).device
@@ -216,7 +223,11 @@ class SlidingInverseFisher(InverseFisher):
 
     @property
     def window(self) -> torch.Tensor:
-        """The stored gradients, shape ``(n, d)`` (ring order, not chronological). Read-only view."""
+        """The stored gradients, shape ``(n, d)`` (ring order, not chronological).
+
+        A view of the live buffer, not a copy: do not write to it (the Gram matrix would no longer
+        match), and ``clone()`` it to keep it past the next update.
+        """
         return self._grads[: self.num_stored]
 
     @property
@@ -248,6 +259,52 @@ class SlidingInverseFisher(InverseFisher):
         self._damp = damp
         if self.num_stored:
             self._refactor()
+
+    def grow(self, dim: int, index: torch.Tensor) -> None:
+        """Add coordinates to the window, in place: old coordinate ``j`` becomes coordinate ``index[j]``.
+
+        The coordinates of ``[0, dim)`` not in ``index`` are new: zero in every stored row, which is
+        exact for a coordinate whose gradient was zero in those steps (a parameter that had no
+        gradient yet). A zero column adds nothing to ``G G^T``, so the Gram matrix, ``P``, the
+        counters and the jitter are kept as they are: the operator equals a fresh window of ``dim``
+        coordinates fed the same gradients with zeros at the new coordinates, and later steps
+        continue from it (pending unchecked-step checks included).
+
+        Args:
+            dim: the new ``d``, ``>= dim`` of the window.
+            index: shape ``(d_old,)``, integer, strictly increasing (the old coordinates keep their
+                order), values in ``[0, dim)``.
+
+        Raises ``TypeError`` / ``ValueError`` before anything changes; on a ``MemoryError`` the
+        window is left as it was. Memory: the new storage is allocated before the old is freed
+        (``m * (d_old + dim) * bytes`` at the peak for a dense window). Cost: one copy of the window;
+        nothing ``m x m`` changes.
+        """
+        self._check_available("grow")
+        check_positive_int(dim, "dim")
+        if dim < self._dim:
+            raise ValueError(f"dim must be >= the window's dim={self._dim} (a window only grows), got {dim}")
+        if not isinstance(index, torch.Tensor) or index.is_floating_point() or index.is_complex() or (
+            index.dtype == torch.bool
+        ):
+            raise TypeError(f"index must be an integer tensor, got {type(index).__name__} "
+                            f"{getattr(index, 'dtype', '')}".rstrip())
+        if index.shape != (self._dim,):
+            raise ValueError(f"index must have shape ({self._dim},) (one entry per old coordinate), "
+                             f"got {tuple(index.shape)}")
+        index = index.to(device=self._device, dtype=torch.long)
+        if self._dim and (int(index[0]) < 0 or int(index[-1]) >= dim or bool((index.diff() <= 0).any())):
+            raise ValueError(f"index must be strictly increasing with values in [0, {dim}), got values "
+                             f"in [{int(index.min())}, {int(index.max())}]")
+        saved = dict(self.__dict__)  # references only: what a failed allocation restores
+        rows = self._rows_state()
+        try:
+            self._dim = dim
+            self._grow_rows(rows, index)
+        except BaseException:
+            self.__dict__.update(saved)
+            raise
+        self._slabbed = None  # views of the old rows
 
     def update(self, grad: torch.Tensor) -> None:
         """Add ``grad`` (shape ``(d,)``) as the newest gradient, dropping the oldest once full.
@@ -344,7 +401,9 @@ class SlidingInverseFisher(InverseFisher):
         logger.debug("update_mul: float32 combination cancels; redone in float64")
         out = self._combination_float64(coeff)
         bound = coeff.abs() @ self._gram.diagonal()[:n].clamp_min(0.0).sqrt()
-        norm = torch.linalg.vector_norm(out, dtype=SMALL_DTYPE)
+        square = torch.linalg.vector_norm(out, dtype=SMALL_DTYPE).square().reshape(1)
+        self._reduce(square)  # |G^T c|^2 over every shard's coordinates
+        norm = square.sqrt()
         self._warn_cancellation(float(bound) / max(float(norm), 1e-300))  # a rare path: two host reads
         return out
 
@@ -583,7 +642,7 @@ class SlidingInverseFisher(InverseFisher):
         same = (idx[:, None] == idx[None, :]).to(self._dtype)
         if n == 0:
             return same / self._damp
-        cols = self._columns(idx).to(SMALL_DTYPE)  # (n, s)
+        cols = self._columns_at(idx).to(SMALL_DTYPE)  # (n, s)
         inner = cols.T @ self._inv[:n, :n] @ cols
         return (same - inner.to(self._dtype)) / self._damp
 
@@ -642,6 +701,18 @@ class SlidingInverseFisher(InverseFisher):
         """Columns ``G[:, cols]`` of the stored rows, dense, shape ``(n, len(cols))``."""
         return self._grads[: self.num_stored, cols]
 
+    def _columns_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """Columns ``G[:, idx]`` for validated operator coordinates (``submatrix``), ``(n, s)``.
+
+        A placement hook: :meth:`_columns` here; a sharded window gathers them from the ranks holding them.
+        """
+        return self._columns(idx)
+
+    def _grow_rows(self, rows: dict[str, torch.Tensor], index: torch.Tensor) -> None:
+        """Allocate the storage for the new ``d`` and put the old rows ``rows`` at columns ``index``."""
+        self._allocate_rows()
+        self._grads[:, index] = rows["grads"]
+
     def _rows_state(self) -> dict[str, torch.Tensor]:
         """Return the row storage as named tensors (checkpoints copy into them in place)."""
         return {"grads": self._grads}
@@ -660,7 +731,12 @@ class SlidingInverseFisher(InverseFisher):
             **self._rows_state(),
             "gram": self._gram,
             "inv": self._inv,
+            **self._extra_state(),
         }
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Entries :meth:`state_dict` adds for a placement (a sharded window: its layout); none here."""
+        return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output, copying into this operator's dtype and device.
@@ -697,9 +773,11 @@ class SlidingInverseFisher(InverseFisher):
         self._check_gram_diagonal(state, sq)
 
     def _check_state_local(self, state: Mapping[str, Any]) -> torch.Tensor:
-        """Run every check of :meth:`check_state_dict` that needs no communication.
+        """Run every check of :meth:`check_state_dict` that needs no reduction over the coordinates.
 
-        Returns the window's squared row norms ``(n,)`` (float64) over this process's columns.
+        Returns the window's squared row norms ``(n,)`` (float64) over this process's columns. A
+        placement hook too: a sharded window adds its layout check and makes the ranks agree here,
+        before the collective :meth:`_reduce` of the norms.
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")

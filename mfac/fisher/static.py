@@ -304,11 +304,18 @@ class StaticInverseFisher(InverseFisher):
             return same_coord / self._damp
         if self.route == "direct":
             return self._blocks._submatrix(idx)
-        blk, off = idx // self._block, idx % self._block
+        cols, blk = self._factor_columns(idx)  # (s, m), (s,)
         same_block = blk[:, None] == blk[None, :]
-        cols = self._q[blk, :, off]  # (s, m)
         inner = (cols @ cols.T) * same_block
         return (same_coord - inner) / self._damp
+
+    def _factor_columns(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns ``Q[:, idx]`` as rows ``(s, m)``, and each coordinate's block ``(s,)`` (Woodbury route).
+
+        A placement hook: a sharded full operator gathers the columns from the ranks holding them.
+        """
+        blk, off = idx // self._block, idx % self._block
+        return self._q[blk, :, off], blk
 
     def _segments(self, labels: torch.Tensor) -> torch.Tensor:
         if self.route == "empty":  # F^{-1} = I / damp: every coordinate is independent

@@ -41,18 +41,19 @@ from typing import Any, Literal
 import torch
 from torch.optim import Optimizer
 
-from mfac.fisher.compressed import CompressedSlidingInverseFisher, check_density
-from mfac.fisher.sliding import SlidingInverseFisher
+from mfac.fisher.compressed import check_density
+from mfac.fisher.sliding import SlidingInverseFisher, check_average_over
 from mfac.numerics import (
     NonFiniteGradientError,
-    allocate,
     check_bool_mask,
     check_damp,
     check_not_meta,
     check_positive_int,
 )
 from mfac.optim._checkpoint import check_optimizer_state
+from mfac.optim._docs import COMMON_DOC
 from mfac.optim._layout import Layout
+from mfac.optim._placement import LocalPlacement, NonFiniteElsewhere, Placement
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,6 @@ _GLOBAL_KEYS = ("ngrads", "damp")
 _STATE_KEY = "mfac"
 _STATE_VERSION = 1
 _WINDOW_DTYPES = (torch.float32, torch.float64)
-_AVERAGE_OVER = ("seen", "ngrads")
 #: instance attributes of _MFACBase that pickling (and copy.deepcopy) must carry.
 _PICKLED = (
     "_window_dtype",
@@ -79,7 +79,7 @@ _PICKLED = (
     "_num_skipped",
     "_masks",
     "_pruned",
-    "_distributed",
+    "_placement",
     "_density",
 )
 
@@ -136,8 +136,7 @@ class _MFACBase(Optimizer):
         check_positive_int(defaults["ngrads"], "ngrads")
         defaults["damp"] = check_damp(defaults["damp"])
         self._check_group(defaults)
-        if average_over not in _AVERAGE_OVER:
-            raise ValueError(f"average_over must be one of {_AVERAGE_OVER}, got {average_over!r}")
+        check_average_over(average_over)
         if dtype is not None and dtype not in _WINDOW_DTYPES:
             raise TypeError(
                 f"dtype (of the gradient window) must be one of {_WINDOW_DTYPES} or None, "
@@ -148,15 +147,6 @@ class _MFACBase(Optimizer):
         for key, flag in (("save_window", save_window), ("skip_nonfinite", skip_nonfinite)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{key} must be a bool, got {type(flag).__name__} {flag!r}")
-        if distributed is not None and not all(
-            hasattr(distributed, k) for k in ("local", "new_fisher", "update_mul", "all_finite")
-        ):
-            raise TypeError(
-                "distributed must be a mfac.distributed.DistributedWindow or None, got "
-                f"{type(distributed).__name__}"
-            )
-        #: the window's placement over torch.distributed ranks (None: one process).
-        self._distributed = distributed
         density = check_density(density)
         #: kept fraction of each gradient in a compressed window (None: the dense window).
         self._density = None if density == 1.0 else density
@@ -165,6 +155,15 @@ class _MFACBase(Optimizer):
                 f"density={density} (a compressed window) cannot be combined with distributed: "
                 "the compressed window is not sharded; use density=None with distributed"
             )
+        if distributed is not None and not isinstance(distributed, Placement):
+            raise TypeError(
+                "distributed must be a mfac.distributed.DistributedWindow or None, got "
+                f"{type(distributed).__name__}"
+            )
+        #: where the window lives (mfac.optim._placement): one process, or torch.distributed ranks.
+        self._placement: Placement = (
+            LocalPlacement(self._density) if distributed is None else distributed
+        )
         #: leave the m x d window out of :meth:`state_dict` (see the class docstring).
         self.save_window = bool(save_window)
         #: skip steps whose gradient is not finite instead of raising (see the class docstring).
@@ -330,31 +329,17 @@ class _MFACBase(Optimizer):
     # ------------------------------------------------------------------ the shared step
     def _local(self, tensor: torch.Tensor) -> torch.Tensor:
         """Return the part of a parameter or gradient this rank works on (itself on one process)."""
-        return tensor if self._distributed is None else self._distributed.local(tensor)
+        return self._placement.local(tensor)
 
-    def _local_fn(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        return None if self._distributed is None else self._distributed.local
+    def _new_layout(self, params: list[torch.Tensor], dtype: torch.dtype) -> Layout:
+        return Layout(params, self._masks, dtype, params[0].device, local=self._placement.local)
 
     def _new_fisher(self, layout: Layout, ngrads: int, damp: float) -> SlidingInverseFisher:
-        if self._distributed is not None:
-            if self._masks and any(self._local(p) is not p for p in layout.params):
-                raise NotImplementedError("masks are not supported with FSDP-sharded parameters")
-            return self._distributed.new_fisher(  # collective: the ranks' windows agree
-                layout.dim, ngrads, damp, params=layout.params, dtype=layout.dtype,
-                device=layout.device, average_over=self._average_over,
-            )
-        if self._density is not None:
-            return CompressedSlidingInverseFisher(
-                layout.dim, ngrads, damp, density=self._density, dtype=layout.dtype,
-                device=layout.device, average_over=self._average_over,
-            )
-        return SlidingInverseFisher(
-            layout.dim,
-            ngrads,
-            damp,
-            dtype=layout.dtype,
-            device=layout.device,
-            average_over=self._average_over,
+        if self._masks and any(self._local(p) is not p for p in layout.params):
+            raise NotImplementedError("masks are not supported with FSDP-sharded parameters")
+        return self._placement.new_fisher(  # collective: the ranks' windows agree
+            layout.dim, ngrads, damp, params=layout.params, dtype=layout.dtype,
+            device=layout.device, average_over=self._average_over,
         )
 
     def _ensure_layout(self, present: list[torch.Tensor], ngrads: int, damp: float) -> None:
@@ -367,41 +352,26 @@ class _MFACBase(Optimizer):
             dtype = self._window_dtype or functools.reduce(
                 torch.promote_types, (p.dtype for p in present), torch.float32
             )
-            new = Layout(present, self._masks, dtype, present[0].device, local=self._local_fn())
+            new = self._new_layout(present, dtype)
             self._fisher = self._new_fisher(new, ngrads, damp)
             logger.debug("M-FAC window created: %d x %d (%s)", ngrads, new.dim, dtype)
         else:
-            if self._distributed is not None:
-                raise NotImplementedError(
-                    "a distributed M-FAC window cannot grow: every parameter must have a gradient "
-                    f"at the first step ({len(present) - sum(p in layout for p in present)} got "
-                    "their first one later)"
-                )
-            # Grow: the new parameters' coordinates had zero gradient in every stored row, so the
-            # Gram matrix and its inverse are unchanged; only the window gets zero columns.
+            # Grow: the new parameters' coordinates had zero gradient in every stored row (the
+            # operator's own SlidingInverseFisher.grow: zero columns, the m x m state unchanged).
             ids = {id(p) for p in present}
-            active = [p for p in params if p in layout or id(p) in ids]
-            new = Layout(active, self._masks, layout.dtype, layout.device)
+            new = self._new_layout([p for p in params if p in layout or id(p) in ids], layout.dtype)
+            position = {id(s.param): s.offset for s in new.slots}
+            index = torch.cat([
+                torch.arange(position[id(s.param)], position[id(s.param)] + s.size) for s in layout.slots
+            ])
             assert self._fisher is not None
-            state = self._fisher.state_dict()
-            position = {id(s.param): s for s in new.slots}
-            fisher = self._new_fisher(new, ngrads, damp)
-            if isinstance(fisher, CompressedSlidingInverseFisher):
-                moved = torch.cat([
-                    torch.arange(position[id(s.param)].offset, position[id(s.param)].offset + s.size)
-                    for s in layout.slots
-                ])
-                state = fisher.remap_state(state, moved, new.dim, fisher.row_size)
-            else:
-                grads = allocate((ngrads, new.dim), layout.dtype, layout.device, "grown gradient window")
-                for slot in layout.slots:
-                    target = position[id(slot.param)]
-                    grads[:, target.offset : target.offset + target.size] = state["grads"][
-                        :, slot.offset : slot.offset + slot.size
-                    ]
-                state = {**state, "dim": new.dim, "grads": grads}
-            fisher.load_state_dict(state)
-            self._fisher = fisher
+            try:
+                self._fisher.grow(new.dim, index)
+            except NotImplementedError as err:
+                raise NotImplementedError(
+                    f"{err}: every parameter must have a gradient at the first step "
+                    f"({len(present) - sum(p in layout for p in present)} got their first one later)"
+                ) from None
             logger.debug("M-FAC window grown from %d to %d coordinates", layout.dim, new.dim)
         self._layout = new
         self._flat = torch.empty(new.dim, dtype=new.dtype, device=new.device)
@@ -450,19 +420,11 @@ class _MFACBase(Optimizer):
         grads = [p.grad for p in layout.params]
         decays = [group_of[id(p)]["weight_decay"] for p in layout.params]
         layout.gather(grads, flat, decays)
-        dist = self._distributed
-        if dist is not None and self.check_finite and not dist.all_finite(flat):
-            self._nonfinite(flat)
+        try:  # shape: (d,), as flat (FSDP: this rank's local coordinates; DDP: all, step all-gathered)
+            direction = self._placement.update_mul(fisher, flat, check_finite=self.check_finite)
+        except NonFiniteGradientError as err:
+            self._nonfinite(flat, elsewhere=isinstance(err, NonFiniteElsewhere))
             return None
-        # shape: (d,), as flat (FSDP: this rank's local coordinates; DDP: all, step all-gathered)
-        if dist is not None:
-            direction = dist.update_mul(fisher, flat)
-        else:
-            try:  # the window's own check (|g|^2 on the device, read once with its other checks)
-                direction = fisher.update_mul(flat, check_finite=self.check_finite)
-            except NonFiniteGradientError:
-                self._nonfinite(flat)
-                return None
         self._num_steps += 1
         return [
             (group_of[id(p)], p, layout.scatter(direction, i))
@@ -470,14 +432,18 @@ class _MFACBase(Optimizer):
             if p.grad is not None
         ]
 
-    def _nonfinite(self, flat: torch.Tensor) -> None:
+    def _nonfinite(self, flat: torch.Tensor, elsewhere: bool) -> None:
+        """Skip or raise for a non-finite gradient (``elsewhere``: found by a vote over processes)."""
         assert self._layout is not None
         slots = self._layout.slots
         parts = [flat[s.offset : s.offset + s.size] for s in slots]
         bad = [self._name(s.param) for s, part in zip(slots, parts, strict=True) if not _finite(part)]
-        if not bad and self._distributed is None:
-            bad = ["all parameters together (each part is finite, the squared norm overflows)"]
-        bad = bad or ["the part of the parameters another rank holds"]
+        if not bad:
+            bad = [
+                "the part of the parameters another rank holds"
+                if elsewhere
+                else "all parameters together (each part is finite, the squared norm overflows)"
+            ]
         if self.skip_nonfinite:
             self._num_skipped += 1
             logger.debug("M-FAC step skipped: non-finite gradient in %s", ", ".join(bad))
@@ -631,9 +597,7 @@ class _MFACBase(Optimizer):
             if len(seen) != 1:
                 raise ValueError(f"{key} must be the same in every saved param group, got {seen}")
             settings[key] = seen.pop()
-        layout = Layout(
-            active, self._masks, glob["window_dtype"], active[0].device, local=self._local_fn()
-        )
+        layout = self._new_layout(active, glob["window_dtype"])
         fisher = self._new_fisher(layout, settings["ngrads"], settings["damp"])
         if glob["fisher"] is not None:
             fisher.load_state_dict(glob["fisher"])  # checks dim, ngrads, damp, average_over
@@ -641,82 +605,6 @@ class _MFACBase(Optimizer):
             logger.debug("M-FAC checkpoint without window: the window restarts empty")
         return layout, fisher, *counters
 
-
-_COMMON_DOC = r"""
-    The arguments below are shared by :class:`MFAC` and :class:`MFACPreconditioner`.
-
-    Args:
-        params: parameters or param groups, as for any ``torch.optim`` optimizer (also named
-            parameters). All on one device; any real floating dtypes.
-        ngrads: ``m``, the window size (the number of recent gradients kept). Global: every group
-            must have the same value.
-        damp: ``lambda > 0`` in ``F = damp I + (1/s) G^T G``. Global, like ``ngrads``, but it may
-            change during training (:meth:`set_damp`, or ``group["damp"]`` set in every group, e.g. by a
-            schedule): the window is kept and its ``m x m`` state refactored, O(m^3).
-        weight_decay: per group, added as ``weight_decay * w`` to the gradient *before*
-            preconditioning (the paper's choice), so the window holds decayed gradients.
-        masks: optional ``{parameter tensor: mask}`` of fixed sparsity masks, shaped like the
-            parameter, ``torch.bool`` (True = kept; ``TypeError`` for other dtypes and for
-            name keys: use ``MaskHandle.param_masks()``). Masked-out coordinates take no room in the window
-            (``d`` counts kept coordinates only) and get a zero direction. Explicit: never
-            inferred from exact zeros in the weights. Fixed for the optimizer's life: to change
-            masks, build a new optimizer.
-        dtype: dtype of the window and of all curvature work: None (default) picks the parameters'
-            dtype promoted to at least float32 (bfloat16 / float16 parameters get a float32 window;
-            any float64 parameter gives float64). ``torch.float32`` or ``torch.float64``.
-        average_over: ``"seen"`` (default: ``s`` = number of gradients in the window, so the first
-            step is ``g / (damp + |g|^2)``) or ``"ngrads"`` (``s = m`` from the start, the paper's
-            code: first step ``g / (damp + |g|^2 / m)``). Global.
-        save_window: True (default): :meth:`state_dict` carries the whole window, and
-            save -> load -> step equals an uninterrupted run bit for bit. False: it leaves the
-            ``m x d`` window (and its ``m x m`` Gram matrix and inverse, useless without it) out;
-            loading such a checkpoint restarts the window empty, everything else (step counters,
-            momentum, masks, the window's coordinate set) is restored. Also an attribute.
-        skip_nonfinite: what a step with a NaN or inf gradient (plus weight decay), or a finite
-            one whose squared norm overflows the window's dtype (``|g| > 1.8e19`` in float32), does. False
-            (default): raise ``ValueError`` naming the parameters; the window, the parameters and
-            the momentum are left untouched, so the caller may catch it and continue. True: skip the
-            step silently (counted in :attr:`num_skipped`, logged at debug level), e.g. under a
-            ``torch.amp.GradScaler``, which skips such steps itself.
-        check_finite: True (default): every step checks the gradient for NaN/inf, from ``|g|^2``
-            computed on the device together with the window's numerical checks, read in one host
-            synchronisation per step. False: no check and no synchronisation at all (the numerical
-            checks act one step late); for loops that guarantee finite gradients (a ``GradScaler``
-            only calls ``step`` for finite ones). A non-finite gradient then gives a NaN step and stays
-            in the window for ``ngrads`` steps. Also an attribute.
-        distributed: None (default: one process), or a :class:`mfac.distributed.DistributedWindow`
-            that shards the window over ``torch.distributed`` ranks (DDP: each rank keeps a slice
-            of the coordinates and the step is all-gathered; FSDP2 ``fully_shard``: each rank
-            works on its local parameter shards). Per step the window all-reduces ``m`` floats;
-            ``step`` and ``load_state_dict`` become collectives, ``state_dict`` holds this rank's
-            part (save it per rank: :func:`mfac.distributed.save_sharded`). Every parameter must
-            have a gradient at the first step (the window cannot grow); no masks with FSDP.
-        density: None (default: the dense window) or the kept fraction in (0, 1] of each gradient
-            for a compressed window (EFCP: error feedback + top-k per block of 4096 coordinates,
-            :class:`mfac.fisher.compressed.CompressedSlidingInverseFisher`): the step adds the
-            gradient to an accumulator ``e``, stores its ``k ~ density * d`` largest entries as
-            values + int32 indices, keeps the rest in ``e`` and returns ``F'^{-1} g'`` for the sent
-            part ``g'``. Memory ``m k 8 + d 4`` bytes instead of ``m d 4`` (density 0.01, m = 256:
-            1/42), cost O(m k + d) per step. ``1.0`` is the dense window (the same code path).
-            Global; not with ``distributed``. The checkpoint carries ``e`` and the sparse rows.
-
-    Parameters and gradients:
-        * The window's coordinate set is the parameters that have a gradient at the first step,
-          in param-group order. A parameter whose ``.grad`` is None at a later step (an unused head)
-          contributes zeros to the window's new row (its gradient *is* zero) and is not updated (no
-          step, no momentum decay, no weight decay), like ``torch.optim``. A parameter that gets its
-          first gradient later (unfrozen layer, ``add_param_group``) joins the window with zero
-          columns in the older rows, which is exact: the Gram matrix is unchanged (this reallocates
-          the window once: briefly three windows of memory). The set never shrinks; it is part of
-          the checkpoint, so resumed runs skip the same parameters.
-        * Parameters with ``requires_grad=False`` never get a gradient and cost nothing.
-        * A step where no parameter has a gradient does nothing.
-        * The window is created at the first step (its memory, ``m * d * 4`` bytes in float32, is
-          allocated then, with a ``MemoryError`` saying how much if it does not fit).
-
-    Cost per step: two passes over the ``m x d`` window plus ``O(m^2)`` float64 work (``O(m^3)``
-    every ``m`` steps and while the window fills, where the ``m x m`` system is refactored).
-"""
 
 
 class MFACPreconditioner(_MFACBase):
@@ -779,7 +667,7 @@ class MFACPreconditioner(_MFACBase):
             self._local(p.grad).copy_(direction)
 
 
-MFACPreconditioner.__doc__ = (MFACPreconditioner.__doc__ or "") + _COMMON_DOC
+MFACPreconditioner.__doc__ = (MFACPreconditioner.__doc__ or "") + COMMON_DOC
 
 
 class MFAC(_MFACBase):
@@ -906,4 +794,4 @@ class MFAC(_MFACBase):
                 p.masked_fill_(pruned, 0.0)
 
 
-MFAC.__doc__ = (MFAC.__doc__ or "") + _COMMON_DOC
+MFAC.__doc__ = (MFAC.__doc__ or "") + COMMON_DOC

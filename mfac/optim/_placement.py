@@ -1,0 +1,110 @@
+"""Where the optimizer's window lives: the placement protocol and its local default.
+
+The optimizer keeps its math and asks a *placement* three things, unconditionally, at every step:
+
+* :meth:`Placement.local`: the part of a parameter or gradient this process works on;
+* :meth:`Placement.new_fisher`: the window over the flat vector of those parts (collective);
+* :meth:`Placement.update_mul`: add the flat gradient to the window and return the flat step
+  (collective), raising :class:`~mfac.numerics.NonFiniteGradientError` on every process when the
+  gradient is not finite on one of them.
+
+:class:`LocalPlacement` (one process, no communication) is the default; the multi-process one is
+:class:`mfac.distributed.DistributedWindow`. Private to :mod:`mfac.optim`: users pass a placement as
+``MFAC(..., distributed=DistributedWindow())``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+from mfac.fisher.compressed import CompressedSlidingInverseFisher
+from mfac.fisher.sliding import SlidingInverseFisher
+from mfac.numerics import NonFiniteGradientError
+
+__all__: list[str] = []
+
+
+class NonFiniteElsewhere(NonFiniteGradientError):
+    """The gradient is not finite on some process (perhaps another one): raised by a placement's vote."""
+
+
+@runtime_checkable
+class Placement(Protocol):
+    """What the optimizer needs from the place its window lives in (see the module docstring)."""
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Return the part of ``tensor`` (a parameter or its gradient) this process works on."""
+        ...
+
+    def new_fisher(
+        self,
+        dim: int,
+        ngrads: int,
+        damp: float,
+        *,
+        params: Sequence[torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+        average_over: Literal["seen", "ngrads"] = "seen",
+    ) -> SlidingInverseFisher:
+        """Build the window over this process's ``dim`` flat coordinates of ``params`` (collective)."""
+        ...
+
+    def update_mul(
+        self, fisher: SlidingInverseFisher, flat: torch.Tensor, *, check_finite: bool = True
+    ) -> torch.Tensor:
+        """Add the flat gradient to ``fisher``; return the flat ``F^{-1} g`` (collective).
+
+        With ``check_finite``, a non-finite gradient (on any process) raises
+        :class:`~mfac.numerics.NonFiniteGradientError` on every process and changes no window.
+        """
+        ...
+
+
+class LocalPlacement:
+    """One process: the window holds every coordinate; nothing is communicated.
+
+    Args:
+        density: None (the dense :class:`~mfac.fisher.sliding.SlidingInverseFisher`) or the kept
+            fraction of a compressed window (:class:`~mfac.fisher.compressed.CompressedSlidingInverseFisher`).
+    """
+
+    def __init__(self, density: float | None = None) -> None:
+        self.density = density
+
+    def __repr__(self) -> str:
+        return f"LocalPlacement(density={self.density!r})"
+
+    @staticmethod
+    def local(tensor: torch.Tensor) -> torch.Tensor:
+        """Return the whole tensor: one process works on all of it."""
+        return tensor
+
+    def new_fisher(
+        self,
+        dim: int,
+        ngrads: int,
+        damp: float,
+        *,
+        params: Sequence[torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+        average_over: Literal["seen", "ngrads"] = "seen",
+    ) -> SlidingInverseFisher:
+        """Build the dense window, or the compressed one when a ``density`` was given (no communication)."""
+        if self.density is not None:
+            return CompressedSlidingInverseFisher(
+                dim, ngrads, damp, density=self.density, dtype=dtype, device=device,
+                average_over=average_over,
+            )
+        return SlidingInverseFisher(dim, ngrads, damp, dtype=dtype, device=device, average_over=average_over)
+
+    @staticmethod
+    def update_mul(
+        fisher: SlidingInverseFisher, flat: torch.Tensor, *, check_finite: bool = True
+    ) -> torch.Tensor:
+        """``fisher.update_mul``: the window's own finiteness check, folded into its one host read."""
+        return fisher.update_mul(flat, check_finite=check_finite)
