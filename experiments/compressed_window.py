@@ -71,6 +71,8 @@ class Config:
     #: M-FAC densities swept on validation (None: dense); the others take the pick of ``sweep_like``
     swept: tuple[float | None, ...] = (None, 0.01)
     sweep_like: float | None = 0.01
+    #: densities that also run with bfloat16 values and int16 offsets (at their density's pick)
+    compact: tuple[float, ...] = (0.01,)
     adam_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     sgd_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
     sgd_momentum: float = 0.9
@@ -105,8 +107,13 @@ def validation_split(data: Split, fraction: float, seed: int = 0) -> Split:
     return Split(data.x_train[fit], data.y_train[fit], data.x_train[val], data.y_train[val])
 
 
+#: the compact storage a compressed window can also run with (the name's suffix, the MFAC arguments)
+COMPACT = (" (bfloat16, int16)", {"values_dtype": torch.bfloat16, "index_dtype": torch.int16})
+
+
 def optimizers(cfg: Config) -> list[str]:
-    return [_mfac_name(d) for d in cfg.densities] + ["Adam", "SGD"]
+    compact = [_mfac_name(d) + COMPACT[0] for d in cfg.compact]
+    return [_mfac_name(d) for d in cfg.densities] + compact + ["Adam", "SGD"]
 
 
 def _mfac_name(density: float | None) -> str:
@@ -123,6 +130,8 @@ def grid(opt_name: str, cfg: Config) -> list[dict[str, float]]:
 
 def make_optimizer(name: str, params, hp: dict[str, float], cfg: Config, **extra) -> torch.optim.Optimizer:
     if name.startswith("M-FAC"):
+        if name.endswith(COMPACT[0]):
+            name, extra = name.removesuffix(COMPACT[0]), {**COMPACT[1], **extra}
         density = None if name == "M-FAC dense" else float(name.rsplit(" ", 1)[1])
         return MFAC(params, lr=hp["lr"], ngrads=cfg.mfac_ngrads, damp=hp["damp"],
                     momentum=cfg.mfac_momentum, density=density, **extra)
@@ -222,7 +231,8 @@ def sweep(dataset: str, model: str, data: Split, cfg: Config) -> tuple[dict[str,
                 best = run
         chosen[opt] = (best or runs[-1])["hp"]
     for opt in optimizers(cfg):
-        chosen.setdefault(opt, chosen[_mfac_name(cfg.sweep_like)])
+        plain = opt.removesuffix(COMPACT[0])
+        chosen.setdefault(opt, chosen.get(plain, chosen[_mfac_name(cfg.sweep_like)]))
     return chosen, runs
 
 
@@ -316,6 +326,9 @@ def resnet_table(cfg: Config) -> tuple[list[str], list[dict]]:
 
     opts = {_mfac_name(den): MFAC(params, lr=1e-6, ngrads=cfg.timing_ngrads, damp=1.0, momentum=0.9,
                                   density=den) for den in cfg.densities}
+    for den in cfg.compact:
+        opts[_mfac_name(den) + COMPACT[0]] = MFAC(params, lr=1e-6, ngrads=cfg.timing_ngrads, damp=1.0,
+                                                  momentum=0.9, density=den, **COMPACT[1])
     opts["Adam (foreach)"] = torch.optim.Adam(params, lr=1e-6, foreach=True)
     fill = {}
     for name, opt in opts.items():  # fill every window (timed separately: refactors while filling)
@@ -343,6 +356,83 @@ def resnet_table(cfg: Config) -> tuple[list[str], list[dict]]:
     return lines, rows
 
 
+def diagnose(cfg: Config, damps: tuple[float, ...] = (1e-3, 1e-1, 1.0, 10.0), steps: int = 300,
+             density: float = 0.01) -> tuple[list[str], list[dict]]:
+    """How far the compressed step is from the dense one, along one trajectory, per ``damp``.
+
+    An MLP on MNIST is trained by SGD (lr 0.03, momentum 0.9, batch 64, seed 0); every step feeds
+    the same gradient ``g`` to a dense window and to a compressed one (``density``) per ``damp``, and
+    compares ``u = F^{-1} g`` with ``u' = F'^{-1} g'``: their cosine and norm ratio (mean over the
+    steps after the first ``m / 2``), the same for their sums over the last ``m / 2`` steps (what
+    error feedback can make up for: mass held back at one step is sent at a later one), and the cosine
+    of ``g'`` with ``g``. At the end: the mean ``|cos|`` between distinct rows of each window (how
+    orthogonal the rows are).
+    """
+    from mfac.fisher.compressed import CompressedSlidingInverseFisher
+    from mfac.fisher.sliding import SlidingInverseFisher
+
+    data = load_mnist_split(seed=0)
+    torch.manual_seed(0)
+    model = build_model("MLP", tuple(data.x_train.shape[1:]))
+    params = list(model.parameters())
+    d = count_parameters(model)
+    m = cfg.mfac_ngrads
+    dense = {damp: SlidingInverseFisher(d, m, damp) for damp in damps}
+    comp = {damp: CompressedSlidingInverseFisher(d, m, damp, density=density) for damp in damps}
+    opt = torch.optim.SGD(params, lr=0.03, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    stats = {damp: {"cos": [], "ratio": []} for damp in damps}
+    sums = {damp: [torch.zeros(d, dtype=torch.float64) for _ in range(2)] for damp in damps}
+    sent_cos = []
+    step = 0
+
+    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(a.double() @ b.double() / (a.double().norm() * b.double().norm()))
+
+    while step < steps:
+        for xb, yb in minibatches(data.x_train, data.y_train, cfg.batch_size["mnist"], generator=gen):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            g = torch.cat([p.grad.reshape(-1) for p in params])
+            for damp in damps:
+                before = comp[damp].error.clone()
+                u, u_c = dense[damp].update_mul(g), comp[damp].update_mul(g)
+                if step >= m // 2:
+                    stats[damp]["cos"].append(cos(u, u_c))
+                    stats[damp]["ratio"].append(float(u_c.norm() / u.norm()))
+                    if damp == damps[0]:
+                        sent_cos.append(cos(before + g - comp[damp].error, g))
+                if step >= steps - m // 2:
+                    sums[damp][0] += u.double()
+                    sums[damp][1] += u_c.double()
+            opt.step()
+            step += 1
+            if step >= steps:
+                break
+
+    def row_cos(op) -> float:
+        n = op.num_stored
+        gram = op._gram[:n, :n]
+        scale = gram.diagonal().sqrt()
+        c = (gram / scale[:, None] / scale[None, :]).abs()
+        return float((c.sum() - c.diagonal().sum()) / (n * (n - 1)))
+
+    rows = []
+    lines = [f"\nDense vs compressed step along one SGD trajectory (MNIST MLP, d = {d:,}, m = {m}, density "
+             f"{density}, {steps} steps; means over steps {m // 2}..{steps}): cos(g', g) = "
+             f"{statistics.fmean(sent_cos):.3f}; mean |cos| between distinct window rows: dense "
+             f"{row_cos(dense[damps[0]]):.3f}, compressed {row_cos(comp[damps[0]]):.3f}\n",
+             md_head(["damp", "cos(u', u) per step", "norm(u') / norm(u) per step",
+                      f"cos of the sums over the last {m // 2} steps", "norm ratio of the sums"])]
+    for damp in damps:
+        c, r = statistics.fmean(stats[damp]["cos"]), statistics.fmean(stats[damp]["ratio"])
+        total, total_c = sums[damp]
+        c_sum, r_sum = cos(total, total_c), float(total_c.norm() / total.norm())
+        rows.append({"damp": damp, "cos": c, "norm_ratio": r, "cos_sum": c_sum, "norm_ratio_sum": r_sum})
+        lines.append(md_row([f"{damp:g}", f"{c:.3f}", f"{r:.3f}", f"{c_sum:.3f}", f"{r_sum:.3f}"]))
+    return lines, rows
+
+
 def _load(dataset: str, cfg: Config) -> Split:
     data = load_digits_split(seed=0) if dataset == "digits" else load_mnist_split(seed=0)
     if cfg.train_subset is not None:
@@ -365,7 +455,11 @@ def main(argv: list[str] | None = None) -> dict:
                    "OUT/sweep.json (written by an earlier run with the same grid)")
     p.add_argument("--shared-damp", type=float, default=None)
     p.add_argument("--shared-lr", type=float, default=None)
+    p.add_argument("--optimizers", nargs="+", default=None, help="train only these (names as in the "
+                   "tables; with --reuse-sweep, e.g. to add a row to an earlier run)")
     p.add_argument("--skip-resnet", action="store_true")
+    p.add_argument("--diagnose", action="store_true", help="only the dense-vs-compressed step comparison "
+                   "along one trajectory (writes OUT/diagnose.md)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = Config.quick() if args.quick else Config()
@@ -376,6 +470,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.shared_damp is not None:
         cfg = replace(cfg, shared=(args.shared_damp, args.shared_lr))
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.diagnose:
+        lines, rows = diagnose(cfg, steps=8 if args.quick else 300)
+        (args.out / "diagnose.md").write_text("\n".join(lines) + "\n")
+        (args.out / "diagnose.json").write_text(json.dumps(jsonable(rows), indent=1))
+        print("\n".join(lines))
+        return {"diagnose": rows}
     started = time.perf_counter()
     sweep_file = args.out / "sweep.json"
     saved = json.loads(sweep_file.read_text()) if args.reuse_sweep and sweep_file.exists() else {}
@@ -385,21 +485,25 @@ def main(argv: list[str] | None = None) -> dict:
         for model in cfg.models:
             key = f"{dataset}/{model}"
             if key in saved.get("chosen", {}):
-                chosen[(dataset, model)] = saved["chosen"][key]
+                chosen[(dataset, model)] = picks = dict(saved["chosen"][key])
+                for opt in optimizers(cfg):  # names the saved sweep did not have: their density's pick
+                    plain = opt.removesuffix(COMPACT[0])
+                    picks.setdefault(opt, picks.get(plain, picks[_mfac_name(cfg.sweep_like)]))
                 sweep_runs += [r for r in saved["runs"] if r["dataset"] == dataset and r["model"] == model]
             else:
                 chosen[(dataset, model)], more = sweep(dataset, model, data, cfg)
                 sweep_runs += more
             _log(f"{key}: chosen {chosen[(dataset, model)]} ({time.perf_counter() - started:.0f} s)")
     sweep_s = time.perf_counter() - started
-    sweep_file.write_text(json.dumps(jsonable({
-        "chosen": {f"{d}/{m}": c for (d, m), c in chosen.items()}, "runs": sweep_runs,
-        "grid": {"damps": cfg.sweep_damps, "lr_ratios": cfg.sweep_lr_ratios}}), indent=1))
+    if not (args.reuse_sweep and saved):
+        sweep_file.write_text(json.dumps(jsonable({
+            "chosen": {f"{d}/{m}": c for (d, m), c in chosen.items()}, "runs": sweep_runs,
+            "grid": {"damps": cfg.sweep_damps, "lr_ratios": cfg.sweep_lr_ratios}}), indent=1))
     runs, shared_runs = [], []
     for dataset in cfg.datasets:
         data = _load(dataset, cfg)
         for model in cfg.models:
-            for opt in optimizers(cfg):
+            for opt in args.optimizers or optimizers(cfg):
                 hp = chosen[(dataset, model)][opt]
                 runs += [train_run(dataset, model, opt, seed, data, cfg, hp) for seed in cfg.seeds]
                 accs = [round(100 * r["test_acc"], 2) for r in runs[-len(cfg.seeds):]]
