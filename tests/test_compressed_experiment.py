@@ -11,13 +11,17 @@ def test_quick_run_reports_every_optimizer_and_smaller_compressed_state(tmp_path
     results = compressed_window.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
     table = (tmp_path / "results.md").read_text()
     for name in ("M-FAC dense", "M-FAC density 0.1", "M-FAC density 0.01", "M-FAC density 0.001",
-                 "Adam", "SGD", "Adam (foreach)"):
+                 "M-FAC density 0.01 (bfloat16, int16)", "Adam", "SGD", "Adam (foreach)"):
         assert f"| {name} |" in table, name
+    assert "validation accuracy" in table and "**" in table  # the sweep's table, the picks in bold
     runs = {r["optimizer"]: r for r in results["runs"] if r["model"] == "MLP"}
     dense = runs["M-FAC dense"]
     # the window state shrinks with the density (rows + accumulator + m x m), momentum is the same
     sizes = [runs[f"M-FAC density {d:g}"]["window_bytes"] for d in (0.1, 0.01, 0.001)]
     assert dense["window_bytes"] > sizes[0] > sizes[1] >= sizes[2] > 0
+    assert runs["M-FAC density 0.01 (bfloat16, int16)"]["window_bytes"] < sizes[1]
+    # every optimizer ran at its validated pick; the compact storage at its density's
+    assert runs["M-FAC density 0.01 (bfloat16, int16)"]["hp"] == runs["M-FAC density 0.01"]["hp"]
     assert all(r["steps"] == dense["steps"] > 0 for r in runs.values())
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["runs"]) == len(results["runs"]) and saved["resnet"]

@@ -8,7 +8,7 @@ Each new gradient ``g`` goes through an error-feedback accumulator ``e`` (``d`` 
     e  <- a - g'                        what was not sent stays, exactly (the kept entries become 0, or
                                         their rounding error when values are stored in bfloat16)
 
-and ``g'`` (``k`` values + ``k`` int32 indices) becomes the window's newest row. The operator is the
+and ``g'`` (``k`` values + ``k`` indices) becomes the window's newest row. The operator is the
 M-FAC inverse over the compressed rows ``G'`` (``n x d``, never materialised):
 
     F'        = damp I + (1/s) G'^T G'
@@ -27,9 +27,36 @@ inherited unchanged; this class only overrides the storage hooks:
   needs int64 indices, within noise of it). Redone in float64 when the float32 sum cancels, with the
   dense window's test.
 
+Storage of a row: the values (float32, or bfloat16 with ``values_dtype``) and the indices, either
+absolute (int32, the default) or, with ``index_dtype=torch.int16``, as offsets inside their block:
+every full block sends the same number of entries (the tail block its own), so entry ``j`` of every
+row lies in the block that starts at ``base[j]`` (one ``(k,)`` int32 vector for the whole window) and
+``index = base[j] + offset`` with ``0 <= offset < block <= 32768``. The products decode the absolute
+indices (and widen bfloat16 values) for a few rows at a time (at most ``2**20`` entries per chunk),
+so the transients stay small next to the window.
+
 Per step: O(m k + d) instead of O(m d), plus the same O(m^2) float64 work. Memory:
-``m k (bytes(values) + 4) + d bytes(dtype)`` (values + int32 indices + the accumulator) + ``2 m^2 8``:
-at density 0.01 and m = 256 in float32, 24.5 d bytes against the dense window's 1024 d (1/42).
+``m k (bytes(values) + bytes(index)) + d bytes(dtype) + 2 m^2 8`` (values + indices + the accumulator
++ the m x m matrices): at density 0.01, m = 256 and large d, per coordinate of the model
+
+    =====================  ============  ================  ===============
+    window                 bytes per d   vs dense float32  state of 1e6 d
+    =====================  ============  ================  ===============
+    dense, float32         1024          1                 1.00 GB
+    float32 + int32        24.5          1/42              24.5 MB
+    float32 + int16        19.4          1/53              19.4 MB
+    bfloat16 + int16       14.2          1/72              14.2 MB
+    =====================  ============  ================  ===============
+
+(the accumulator's 4 bytes included; the m x m matrices, 1 MiB at m = 256, not).
+
+Damping: the compressed rows are nearly orthogonal (a coordinate is sent when its accumulated value is
+large, so two rows seldom share coordinates: mean ``|cos|`` between rows 0.02 against 0.11 for the
+dense window of an MNIST MLP). With a small ``damp`` the inverse then normalises each row on its own
+(``F'^{-1} g' ~ s g' / |g'|^2`` on the sent coordinates), and in short runs (a few window lengths)
+the compressed step can be far from the dense one; at a larger ``damp`` ``F'^{-1}`` is close to linear
+in ``g'`` and error feedback makes the sums of the steps agree. Tune ``damp`` and ``lr`` for the
+compressed window (measured: ``experiments/compressed_window.py``, ``--diagnose``).
 
 Reference: Modoranu et al., "Error Feedback Can Accurately Compress Preconditioners" (ICML 2024).
 """
@@ -50,7 +77,14 @@ __all__ = ["CompressedSlidingInverseFisher", "check_density"]
 
 #: default coordinates per top-k block (the selection streams block by block).
 DEFAULT_BLOCK = 4096
-_INDEX_DTYPE = torch.int32
+_INDEX_DTYPE = torch.int32  # absolute indices (the products' and compress()'s)
+_INT16_CANNOT_GROW = (
+    "a compressed window with index_dtype=torch.int16 cannot take new coordinates (its offsets are tied "
+    "to the block layout of its dim); give every parameter a gradient at the first step, or use "
+    "index_dtype=torch.int32"
+)
+_MAX_INT16_BLOCK = 2**15  # offsets 0 .. block - 1 fit int16
+_CHUNK_ENTRIES = 2**20  # stored entries decoded (indices) or widened (values) at a time
 
 
 def check_density(density: Any) -> float | None:
@@ -89,14 +123,20 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         values_dtype: dtype of the stored values: ``dtype`` (default) or ``torch.bfloat16`` (half
             the value bytes; the rounding error stays in the accumulator, so nothing is lost, and
             the Gram matrix is that of the rounded rows).
+        index_dtype: ``torch.int32`` (default: absolute indices) or ``torch.int16`` (offsets inside
+            the block, half the index bytes; needs ``block <= 32768``). A window with int16 offsets
+            cannot take new coordinates (:meth:`remap_state` refuses it): its rows are tied to the
+            block layout of ``dim``.
 
     ``update(g)`` / ``update_mul(g)`` take the raw gradient ``g`` and compress it; ``update_mul``
     returns ``F'^{-1} g'`` for the compressed ``g'``, which is supported on the union of the
     window's index sets. ``mul``, ``diag`` and ``submatrix`` are those of ``F'``.
 
-    Memory: ``m k (bytes(values_dtype) + 4) + d bytes(dtype) + 2 m^2 8`` bytes; transients of a few
-    ``(d,)`` vectors per step, and the previous accumulator is held until the next step (what a step
-    that fails its finiteness check restores: + ``d bytes(dtype)``).
+    Memory: ``m k (bytes(values_dtype) + bytes(index_dtype)) + d bytes(dtype) + 2 m^2 8`` bytes
+    (:attr:`nbytes`; plus ``k`` int32 block starts with int16 offsets and the ``m * ceil(k / chunk)``
+    int32 row pointers of the sparse products); transients of a few ``(d,)`` vectors per step, at
+    most ``2**20`` decoded indices and values at a time, and the previous accumulator held until the
+    next step (what a step that fails its finiteness check restores: + ``d bytes(dtype)``).
 
     Non-finite gradients: ``torch.topk`` ranks NaN and inf first, so a non-finite accumulator always
     sends a non-finite entry and the window's check on ``|g'|^2`` catches it; the step is then undone
@@ -119,6 +159,7 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         density: float,
         block: int = DEFAULT_BLOCK,
         values_dtype: torch.dtype | None = None,
+        index_dtype: torch.dtype = torch.int32,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         average_over: Literal["seen", "ngrads"] = "seen",
@@ -134,6 +175,14 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
                 f"values_dtype must be None, dtype ({dtype}) or torch.bfloat16, got {values_dtype!r}"
             )
         self._values_dtype = dtype if values_dtype is None else values_dtype
+        if index_dtype not in (torch.int32, torch.int16):
+            raise ValueError(f"index_dtype must be torch.int32 or torch.int16, got {index_dtype!r}")
+        if index_dtype == torch.int16 and self._block > _MAX_INT16_BLOCK:
+            raise ValueError(
+                f"index_dtype=torch.int16 stores offsets inside blocks: block must be <= "
+                f"{_MAX_INT16_BLOCK}, got {self._block}"
+            )
+        self._index_dtype = index_dtype
         if isinstance(dim, int) and dim > torch.iinfo(_INDEX_DTYPE).max:
             raise ValueError(f"dim must be < 2**31 (int32 indices), got {dim}")
         super().__init__(
@@ -160,6 +209,11 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
     def values_dtype(self) -> torch.dtype:
         """Dtype of the stored values."""
         return self._values_dtype
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        """Dtype of the stored indices: int32 (absolute) or int16 (offsets inside the block)."""
+        return self._index_dtype
 
     @property
     def error(self) -> torch.Tensor:
@@ -223,17 +277,46 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         dense[idx] = sent
         return _SparseRow(values, idx.to(_INDEX_DTYPE), dense, acc)
 
+    def _encode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Absolute int32 indices ``(..., k)`` in the stored form (int16 offsets: minus the block starts)."""
+        if self._index_dtype == _INDEX_DTYPE:
+            return indices
+        return (indices - self._base).to(self._index_dtype)
+
+    def _absolute(self, rows: slice) -> torch.Tensor:
+        """Return the stored rows' absolute indices, int32 ``(r, k)`` (a view for int32 storage)."""
+        stored = self._indices[rows]
+        if self._index_dtype == _INDEX_DTYPE:
+            return stored
+        return stored.to(_INDEX_DTYPE) + self._base
+
+    def _row_chunks(self, n: int) -> list[slice]:
+        """Row ranges of the first ``n`` rows: one when nothing is decoded, else ``2**20`` entries each."""
+        if self._index_dtype == _INDEX_DTYPE and self._values_dtype == self._dtype:
+            return [slice(0, n)]
+        step = max(1, _CHUNK_ENTRIES // max(self._k, 1))
+        return [slice(r, min(n, r + step)) for r in range(0, n, step)]
+
+    def _row_values(self, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+        values = self._values[rows]
+        return values if values.dtype == dtype else values.to(dtype)
+
     # ------------------------------------------------------------------ storage hooks
     def _allocate_rows(self) -> None:
         full, per_block, _, per_tail = self._layout_blocks()
         self._k = full * per_block + per_tail
         shape = (self._m, self._k)
         self._values = allocate(shape, self._values_dtype, self._device, "compressed window values")
-        self._indices = allocate(shape, _INDEX_DTYPE, self._device, "compressed window indices")
+        self._indices = allocate(shape, self._index_dtype, self._device, "compressed window indices")
+        # start of the block of each of a row's k entries (rows are block-major, sorted in a block)
+        starts = torch.arange(full + (per_tail > 0), dtype=_INDEX_DTYPE, device=self._device) * self._block
+        counts = torch.tensor([per_block] * full + ([per_tail] if per_tail else []), device=self._device)
+        self._base = starts.repeat_interleave(counts)
+        self._limit = torch.clamp(self._base + self._block, max=self._dim)  # end of each entry's block
         self._error = allocate((self._dim,), self._dtype, self._device, "error-feedback accumulator")
         self._old_error = self._error
         self._old_values = torch.empty(self._k, dtype=self._values_dtype, device=self._device)
-        self._old_indices = torch.empty(self._k, dtype=_INDEX_DTYPE, device=self._device)
+        self._old_indices = torch.empty(self._k, dtype=self._index_dtype, device=self._device)
         # CSR row pointers: each stored row split into segments of at most `chunk` entries.
         self._segments = max(1, math.ceil(self._k / self._chunk))
         bounds = [min(self._k, j * self._chunk) for j in range(self._segments)]
@@ -241,6 +324,10 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         crow = (torch.arange(self._m, dtype=torch.int64)[:, None] * self._k + starts).view(-1)
         crow = torch.cat([crow, torch.tensor([self._m * self._k])])
         self._crow = crow.to(device=self._device, dtype=_INDEX_DTYPE)
+
+    def _check_available(self, method: str) -> None:
+        if method == "grow" and self._index_dtype != _INDEX_DTYPE:
+            raise NotImplementedError(_INT16_CANNOT_GROW)
 
     def _grow_rows(self, rows: dict[str, torch.Tensor], index: torch.Tensor) -> None:
         # new k for the new d (each block keeps its share), the old rows remapped and zero-padded
@@ -262,7 +349,7 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
             self._old_indices.copy_(self._indices[row])
             self._old_error = self._error
         self._values[row].copy_(grad.values)
-        self._indices[row].copy_(grad.indices)
+        self._indices[row].copy_(self._encode(grad.indices))
         self._error = grad.residual
 
     def _restore_row(self, row: int) -> None:
@@ -275,34 +362,47 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         # first, so a block holding one always sends one (the window's finiteness check stays exact).
         return self._products(grad.dense.unsqueeze(-1), n).squeeze(-1)
 
-    def _csr(self, n: int) -> torch.Tensor:
-        """Return the first ``n`` rows as an ``(n * segments, d)`` CSR matrix (views of the storage)."""
+    def _csr(self, rows: slice) -> torch.Tensor:
+        """Return ``rows`` as an ``(r * segments, d)`` CSR matrix.
+
+        Views of the storage for int32 indices and values in the window's dtype; else the decoded
+        indices and widened values of these rows.
+        """
         seg = self._segments
-        values = self._values[:n].view(-1)
-        if values.dtype != self._dtype:
-            values = values.to(self._dtype)
+        first = rows.start * seg
+        crow = self._crow[first : rows.stop * seg + 1]
+        if first:
+            crow = crow - crow[0]
         with warnings.catch_warnings():  # torch's one-time "CSR support is in beta" notice
             warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support.*")
             return torch.sparse_csr_tensor(
-                self._crow[: n * seg + 1], self._indices[:n].view(-1), values,
-                size=(n * seg, self._dim), check_invariants=False,
+                crow, self._absolute(rows).reshape(-1), self._row_values(rows, self._dtype).reshape(-1),
+                size=((rows.stop - rows.start) * seg, self._dim), check_invariants=False,
             )
 
     def _products(self, cols: torch.Tensor, n: int | None = None) -> torch.Tensor:
         n = self.num_stored if n is None else n
         if n == 0:
             return torch.zeros(0, cols.shape[1], dtype=SMALL_DTYPE, device=self._device)
-        partial = self._csr(n) @ cols.contiguous()  # (n * segments, q), sums of <= chunk products
-        return partial.view(n, self._segments, -1).sum(1, dtype=SMALL_DTYPE)
+        cols = cols.contiguous()
+        parts = []
+        for rows in self._row_chunks(n):
+            partial = self._csr(rows) @ cols  # (r * segments, q), sums of <= chunk products
+            parts.append(partial.view(rows.stop - rows.start, self._segments, -1).sum(1, dtype=SMALL_DTYPE))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _scatter_rows(self, coeff: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out += coeff^T G'`` for ``coeff`` ``(n, q)`` and ``out`` ``(q, d)``, in ``out``'s dtype."""
-        n, q = self.num_stored, out.shape[0]
-        source = coeff.to(out.dtype).T[:, :, None] * self._values[:n].to(out.dtype)  # (q, n, k)
-        index = self._indices[:n].view(-1)
-        if q > 1:  # one 1-D index_add_ over all q rows (along dim 1 it is ~100x slower, measured)
-            index = (index[None, :] + self._dim * torch.arange(q, device=self._device)[:, None]).view(-1)
-        out.view(-1).index_add_(0, index, source.reshape(-1))
+        q = out.shape[0]
+        weights = coeff.to(out.dtype).T  # (q, n)
+        shift = self._dim * torch.arange(q, device=self._device)[:, None] if q > 1 else None
+        flat = out.view(-1)
+        for rows in self._row_chunks(self.num_stored):
+            source = weights[:, rows, None] * self._row_values(rows, out.dtype)  # (q, r, k)
+            index = self._absolute(rows).reshape(-1)
+            if shift is not None:  # one 1-D index_add_ over all q rows (along dim 1: ~100x slower)
+                index = (index[None, :] + shift).view(-1)
+            flat.index_add_(0, index, source.reshape(-1))
         return out
 
     def _combination(self, coeff: torch.Tensor) -> torch.Tensor:
@@ -319,7 +419,7 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
     def _columns(self, cols: slice | torch.Tensor) -> torch.Tensor:
         """Dense ``G'[:, cols]``: O(n k) for a slice, O(n k + d) for an index tensor."""
         n = self.num_stored
-        indices = self._indices[:n].long()
+        indices = self._absolute(slice(0, n)).long()
         rows = torch.arange(n, device=self._device)[:, None].expand(n, self._k)
         if isinstance(cols, slice):
             start, stop, step = cols.indices(self._dim)
@@ -346,8 +446,20 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
     def _state_row_norms(self, state: Mapping[str, Any], n: int) -> torch.Tensor:
         """Squared norms of the stored sparse rows (their values), after an index-range check."""
         indices = state["indices"][:n]
-        if n and bool(((indices < 0) | (indices >= self._dim)).any()):
-            raise ValueError(f"state_dict['indices'] must lie in [0, dim={self._dim}), got one out of range")
+        if indices.dtype != self._index_dtype:
+            raise ValueError(f"state_dict['indices'] must be {self._index_dtype}, got {indices.dtype}")
+        if self._index_dtype == _INDEX_DTYPE:
+            if n and bool(((indices < 0) | (indices >= self._dim)).any()):
+                raise ValueError(
+                    f"state_dict['indices'] must lie in [0, dim={self._dim}), got one out of range"
+                )
+        elif n:
+            indices = indices.to(device=self._device, dtype=_INDEX_DTYPE)
+            if bool(((indices < 0) | (indices + self._base >= self._limit)).any()):
+                raise ValueError(
+                    "state_dict['indices'] (int16 offsets) must lie in [0, length of their block), got "
+                    "one out of range"
+                )
         if not bool(torch.isfinite(state["error"]).all()):
             raise ValueError("state_dict['error'] (the error-feedback accumulator) must be finite")
         values = state["values"][:n].to(device=self._device)
@@ -361,10 +473,15 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
             "density": self._density,
             "block": self._block,
             "values_dtype": self._values_dtype,
+            "index_dtype": self._index_dtype,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; ``density``, ``block`` and ``values_dtype`` must match."""
+        """Restore :meth:`state_dict` output.
+
+        ``density``, ``block``, ``values_dtype`` and ``index_dtype`` must match (a state without
+        ``index_dtype`` has int32 indices).
+        """
         if "density" not in state:
             raise ValueError(
                 "state_dict holds a dense window (no 'density'); this operator is compressed with "
@@ -374,6 +491,11 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
                           ("values_dtype", self._values_dtype)):
             if state.get(key) != mine:
                 raise ValueError(f"state_dict has {key}={state.get(key)!r}, this operator {key}={mine!r}")
+        theirs = state.get("index_dtype", _INDEX_DTYPE)
+        if theirs != self._index_dtype:
+            raise ValueError(
+                f"state_dict has index_dtype={theirs!r}, this operator index_dtype={self._index_dtype!r}"
+            )
         super().load_state_dict(state)
 
     @staticmethod
@@ -384,8 +506,11 @@ class CompressedSlidingInverseFisher(SlidingInverseFisher):
         For a window that grows (new coordinates have been zero in every stored row): indices are
         mapped (``position`` must be increasing, so rows stay sorted), rows padded with zero values
         up to ``row_size`` entries, the accumulator scattered. The Gram matrix and inverse are
-        unchanged.
+        unchanged. Refused (``NotImplementedError``) for int16 offsets: their rows are tied to the
+        block layout of the old ``dim``.
         """
+        if state.get("index_dtype", _INDEX_DTYPE) != _INDEX_DTYPE:
+            raise NotImplementedError(_INT16_CANNOT_GROW)
         values, indices = state["values"], state["indices"]
         pad = row_size - values.shape[1]
         if pad < 0:

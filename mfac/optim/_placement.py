@@ -16,7 +16,7 @@ The optimizer keeps its math and asks a *placement* three things, unconditionall
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -70,13 +70,19 @@ class LocalPlacement:
     Args:
         density: None (the dense :class:`~mfac.fisher.sliding.SlidingInverseFisher`) or the kept
             fraction of a compressed window (:class:`~mfac.fisher.compressed.CompressedSlidingInverseFisher`).
+        **storage: the compressed window's storage options (``values_dtype``, ``index_dtype``), passed
+            to its constructor; only with ``density``.
     """
 
-    def __init__(self, density: float | None = None) -> None:
+    def __init__(self, density: float | None = None, **storage: torch.dtype) -> None:
+        if storage and density is None:
+            raise ValueError(f"storage options {sorted(storage)} need a compressed window (density)")
         self.density = density
+        self.storage = storage
 
     def __repr__(self) -> str:
-        return f"LocalPlacement(density={self.density!r})"
+        extra = "".join(f", {k}={v!r}" for k, v in self.storage.items())
+        return f"LocalPlacement(density={self.density!r}{extra})"
 
     @staticmethod
     def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -98,7 +104,7 @@ class LocalPlacement:
         if self.density is not None:
             return CompressedSlidingInverseFisher(
                 dim, ngrads, damp, density=self.density, dtype=dtype, device=device,
-                average_over=average_over,
+                average_over=average_over, **self.storage,
             )
         return SlidingInverseFisher(dim, ngrads, damp, dtype=dtype, device=device, average_over=average_over)
 
@@ -108,3 +114,26 @@ class LocalPlacement:
     ) -> torch.Tensor:
         """``fisher.update_mul``: the window's own finiteness check, folded into its one host read."""
         return fisher.update_mul(flat, check_finite=check_finite)
+
+
+def check_compressed_storage(
+    density: float | None, values_dtype: Any, index_dtype: Any
+) -> dict[str, torch.dtype]:
+    """Validate the compressed window's storage options; return the operator's keyword arguments."""
+    if values_dtype not in (None, torch.bfloat16):
+        raise ValueError(f"values_dtype must be None or torch.bfloat16, got {values_dtype!r}")
+    if index_dtype not in (None, torch.int32, torch.int16):
+        raise ValueError(f"index_dtype must be None, torch.int32 or torch.int16, got {index_dtype!r}")
+    if density is None and (values_dtype is not None or index_dtype not in (None, torch.int32)):
+        raise ValueError(
+            f"values_dtype={values_dtype!r} / index_dtype={index_dtype!r} set the storage of a "
+            "compressed window: they need density < 1"
+        )
+    out = {}
+    if density is None:  # the dense window (index_dtype=torch.int32 alone is its default)
+        return out
+    if values_dtype is not None:
+        out["values_dtype"] = values_dtype
+    if index_dtype is not None:
+        out["index_dtype"] = index_dtype
+    return out

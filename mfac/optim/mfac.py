@@ -53,7 +53,7 @@ from mfac.numerics import (
 from mfac.optim._checkpoint import check_optimizer_state
 from mfac.optim._docs import COMMON_DOC
 from mfac.optim._layout import Layout
-from mfac.optim._placement import LocalPlacement, NonFiniteElsewhere, Placement
+from mfac.optim._placement import LocalPlacement, NonFiniteElsewhere, Placement, check_compressed_storage
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ _PICKLED = (
     "_pruned",
     "_placement",
     "_density",
+    "_compressed_storage",
 )
 
 
@@ -132,6 +133,8 @@ class _MFACBase(Optimizer):
         distributed: Any = None,
         check_finite: bool = True,
         density: float | None = None,
+        values_dtype: torch.dtype | None = None,
+        index_dtype: torch.dtype | None = None,
     ) -> None:
         check_positive_int(defaults["ngrads"], "ngrads")
         defaults["damp"] = check_damp(defaults["damp"])
@@ -155,6 +158,8 @@ class _MFACBase(Optimizer):
                 f"density={density} (a compressed window) cannot be combined with distributed: "
                 "the compressed window is not sharded; use density=None with distributed"
             )
+        #: storage options of a compressed window (values and index dtypes).
+        self._compressed_storage = check_compressed_storage(self._density, values_dtype, index_dtype)
         if distributed is not None and not isinstance(distributed, Placement):
             raise TypeError(
                 "distributed must be a mfac.distributed.DistributedWindow or None, got "
@@ -162,7 +167,7 @@ class _MFACBase(Optimizer):
             )
         #: where the window lives (mfac.optim._placement): one process, or torch.distributed ranks.
         self._placement: Placement = (
-            LocalPlacement(self._density) if distributed is None else distributed
+            LocalPlacement(self._density, **self._compressed_storage) if distributed is None else distributed
         )
         #: leave the m x d window out of :meth:`state_dict` (see the class docstring).
         self.save_window = bool(save_window)
@@ -606,7 +611,6 @@ class _MFACBase(Optimizer):
         return layout, fisher, *counters
 
 
-
 class MFACPreconditioner(_MFACBase):
     r"""Rewrites each ``p.grad`` in place with the M-FAC direction ``F^{-1} (grad + wd * w)``.
 
@@ -647,6 +651,8 @@ class MFACPreconditioner(_MFACBase):
         distributed: Any = None,
         check_finite: bool = True,
         density: float | None = None,
+        values_dtype: torch.dtype | None = None,
+        index_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = {"ngrads": ngrads, "damp": damp, "weight_decay": weight_decay}
         super().__init__(
@@ -660,6 +666,8 @@ class MFACPreconditioner(_MFACBase):
             distributed=distributed,
             check_finite=check_finite,
             density=density,
+            values_dtype=values_dtype,
+            index_dtype=index_dtype,
         )
 
     def _apply(self, directions: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
@@ -746,6 +754,8 @@ class MFAC(_MFACBase):
         distributed: Any = None,
         check_finite: bool = True,
         density: float | None = None,
+        values_dtype: torch.dtype | None = None,
+        index_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -765,6 +775,8 @@ class MFAC(_MFACBase):
             distributed=distributed,
             check_finite=check_finite,
             density=density,
+            values_dtype=values_dtype,
+            index_dtype=index_dtype,
         )
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
