@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mfac._flat import FlatLayout
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -234,10 +236,7 @@ def prune_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 class _Entry:
     name: str
     param: torch.Tensor
-    offset: int  # into the full (d,) vector
-    kept_offset: int  # into the kept (k,) vector
     mask: torch.Tensor | None  # bool, shape of param; None = all kept
-    kept_local: torch.Tensor | None  # long (kept,) flat indices inside the param; None = all kept
 
     @property
     def shape(self) -> torch.Size:
@@ -246,10 +245,6 @@ class _Entry:
     @property
     def numel(self) -> int:
         return self.param.numel()
-
-    @property
-    def kept(self) -> int:
-        return self.numel if self.kept_local is None else self.kept_local.numel()
 
 
 class ParamSpace:
@@ -340,31 +335,18 @@ class ParamSpace:
                 f"masks given for unknown parameters {unknown}; known: {sorted(seen_names)}"
             )
 
-        entries: list[_Entry] = []
-        offset = kept_offset = 0
-        for name, param in pairs:
-            mask = masks.get(name)
-            kept_local = None
-            if mask is not None:
-                mask = self._check_mask(name, param, mask)
-                kept_local = mask.reshape(-1).nonzero().squeeze(1)
-            entry = _Entry(name, param, offset, kept_offset, mask, kept_local)
-            entries.append(entry)
-            offset += entry.numel
-            kept_offset += entry.kept
+        checked = {n: self._check_mask(n, p, masks[n]) for n, p in pairs if n in masks}
+        entries = [_Entry(name, param, checked.get(name)) for name, param in pairs]
         self._entries = entries
-        self._dim = offset
-        self._kept_dim = kept_offset
+        # offsets and kept indices: the one flattener (mfac._flat), shared with the optimizer
+        self._flat = FlatLayout.from_masks(
+            [e.mask for e in entries], [e.numel for e in entries], device=self._device
+        )
+        self._dim = self._flat.dim
+        self._kept_dim = self._flat.kept_dim
         self._index = {e.name: i for i, e in enumerate(entries)}
-        self._has_masks = any(e.mask is not None for e in entries)
-        self._kept_indices: torch.Tensor | None = None
-        if self._has_masks:
-            parts = [
-                torch.arange(e.numel, device=self._device) + e.offset if e.kept_local is None
-                else e.kept_local + e.offset
-                for e in entries
-            ]
-            self._kept_indices = torch.cat(parts)  # shape: (k,)
+        self._has_masks = self._flat.masked
+        self._kept_indices = self._flat.kept_indices()  # shape: (k,); None without masks
 
     def _check_mask(self, name: str, param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if not isinstance(mask, torch.Tensor):
@@ -507,7 +489,7 @@ class ParamSpace:
     @property
     def offsets(self) -> list[int]:
         """Start of each parameter in the full ``(d,)`` vector."""
-        return [e.offset for e in self._entries]
+        return list(self._flat.offsets)
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -520,9 +502,9 @@ class ParamSpace:
 
     def named_slices(self, *, masked: bool = False) -> dict[str, slice]:
         """Return ``{name: slice}`` of each parameter in the ``(d,)`` (or kept ``(k,)``) vector."""
-        if masked:
-            return {e.name: slice(e.kept_offset, e.kept_offset + e.kept) for e in self._entries}
-        return {e.name: slice(e.offset, e.offset + e.numel) for e in self._entries}
+        flat = self._flat
+        starts, widths = (flat.kept_offsets, flat.sizes) if masked else (flat.offsets, flat.numels)
+        return {e.name: slice(a, a + n) for e, a, n in zip(self._entries, starts, widths, strict=True)}
 
     def kept_indices(self) -> torch.Tensor:
         """Return the flat indices (into ``(d,)``) of the kept coordinates: increasing, ``(k,)``."""
@@ -611,15 +593,7 @@ class ParamSpace:
             self._check_placement(out, "out")
             if out.shape != (*batch, width):
                 raise ValueError(f"out must have shape {(*batch, width)}, got {tuple(out.shape)}")
-        for e, t in zip(self._entries, items, strict=True):
-            flat = t.reshape(*batch, e.numel)
-            if masked:
-                if e.kept_local is not None:
-                    flat = flat.index_select(-1, e.kept_local)
-                out[..., e.kept_offset : e.kept_offset + e.kept].copy_(flat)
-            else:
-                out[..., e.offset : e.offset + e.numel].copy_(flat)
-        return out
+        return self._flat.gather(items, out, masked=masked)
 
     def masked_flatten(
         self, tensors: TensorsLike, *, out: torch.Tensor | None = None
@@ -638,10 +612,7 @@ class ParamSpace:
             ``vec``).
         """
         self._check_vector(vec, self._dim, "vec")
-        batch = vec.shape[:-1]
-        return [
-            vec[..., e.offset : e.offset + e.numel].view((*batch, *e.shape)) for e in self._entries
-        ]
+        return self._flat.unflatten(vec, self.shapes)
 
     def named_unflatten(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
         """``unflatten`` as ``{name: view}``."""
@@ -665,9 +636,7 @@ class ParamSpace:
         Without masks this returns ``vec`` itself (no copy).
         """
         self._check_vector(vec, self._dim, "vec")
-        if self._kept_indices is None:
-            return vec
-        return vec.index_select(-1, self._kept_indices)
+        return self._flat.restrict(vec)
 
     def expand(self, vec: torch.Tensor, *, fill: float = 0.0) -> torch.Tensor:
         """Return a full vector from kept coordinates: ``(*batch, k) -> (*batch, d)``.
@@ -677,10 +646,7 @@ class ParamSpace:
         Without masks this returns ``vec`` itself (no copy).
         """
         self._check_vector(vec, self._kept_dim, "vec")
-        if self._kept_indices is None:
-            return vec
-        out = torch.full((*vec.shape[:-1], self._dim), fill, dtype=self._dtype, device=self._device)
-        return out.index_copy_(-1, self._kept_indices, vec)
+        return self._flat.expand(vec, fill=fill)
 
     # ------------------------------------------------------------------------------ read
     def param_vector(self, *, masked: bool = False) -> torch.Tensor:
@@ -744,8 +710,7 @@ class ParamSpace:
                 for p, v in zip(self.params, self.unflatten(vec), strict=True):
                     p.copy_(v)
                 return
-            for e in self._entries:
-                part = vec[e.kept_offset : e.kept_offset + e.kept]
+            for e, part in zip(self._entries, self._flat.split(vec, masked=True), strict=True):
                 if e.mask is None:
                     e.param.copy_(part.view(e.shape))
                 else:
