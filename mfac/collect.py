@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mfac._reparam import reparametrized_leaves
 from mfac.numerics import allocate, check_not_meta, check_positive_int, format_bytes
 from mfac.params import ParamSpace
 
@@ -112,9 +113,8 @@ def _preserved_prune_attributes(model: nn.Module) -> Iterator[None]:
     """
     saved = []
     for module in model.modules():
-        for key in list(module._buffers):
-            base = key[: -len("_mask")] if key.endswith("_mask") else None
-            if base and f"{base}_orig" in module._parameters and base in module.__dict__:
+        for base in reparametrized_leaves(module):
+            if base in module.__dict__:
                 saved.append((module, base, module.__dict__[base]))
     try:
         yield

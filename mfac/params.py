@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from mfac._flat import FlatLayout
+from mfac._reparam import base_leaf, mask_buffer, writable
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +53,6 @@ TensorsLike = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
 
 # ------------------------------------------------------------------------------- module helpers
-def _reparametrized_base(module: nn.Module, leaf: str) -> str | None:
-    """Return ``"weight"`` if ``leaf == "weight_orig"`` is a prune reparametrization, else None."""
-    if not leaf.endswith("_orig"):
-        return None
-    base = leaf[: -len("_orig")]
-    if base and f"{base}_mask" in module._buffers:
-        return base
-    return None
-
-
 def _split(name: str) -> tuple[str, str]:
     path, _, leaf = name.rpartition(".")
     return path, leaf
@@ -80,7 +71,7 @@ def named_writable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parame
     for name, param in model.named_parameters():
         path, leaf = _split(name)
         owner = model.get_submodule(path) if path else model
-        base = _reparametrized_base(owner, leaf)
+        base = base_leaf(owner, leaf)
         yield (f"{path}.{base}" if path else base, param) if base else (name, param)
 
 
@@ -103,12 +94,9 @@ def writable_parameter(model: nn.Module, name: str) -> nn.Parameter:
     except AttributeError:
         owner = None
     if owner is not None:
-        param = owner._parameters.get(leaf)
+        param = writable(owner, leaf)
         if param is not None:
             return param
-        orig = owner._parameters.get(f"{leaf}_orig")
-        if orig is not None and f"{leaf}_mask" in owner._buffers:
-            return orig
     raise ValueError(f"{name!r} is not a parameter of {type(model).__name__}")
 
 
@@ -160,8 +148,7 @@ def _embedding_tensors(model: nn.Module) -> tuple[set[int], set[tuple[str, int, 
     for module in model.modules():
         if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             continue
-        for leaf in ("weight", "weight_orig"):
-            param = module._parameters.get(leaf)
+        for param in (module._parameters.get("weight"), writable(module, "weight")):
             if param is None:
                 continue
             ids.add(id(param))
@@ -203,9 +190,7 @@ def default_prunable(model: nn.Module) -> list[str]:
     for module in model.modules():
         if not isinstance(module, types):
             continue
-        weight = module._parameters.get("weight")
-        if weight is None and "weight_mask" in module._buffers:
-            weight = module._parameters.get("weight_orig")
+        weight = writable(module, "weight")
         if weight is None or id(weight) in embedding_ids:
             continue
         key = _storage_key(weight)
@@ -226,8 +211,9 @@ def prune_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, _ in named_writable_parameters(model):
         path, leaf = _split(name)
         owner = model.get_submodule(path) if path else model
-        if leaf not in owner._parameters and f"{leaf}_mask" in owner._buffers:
-            masks[name] = owner._buffers[f"{leaf}_mask"].detach().bool()
+        buffer = None if leaf in owner._parameters else mask_buffer(owner, leaf)
+        if buffer is not None:
+            masks[name] = buffer.detach().bool()
     return masks
 
 

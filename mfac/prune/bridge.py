@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from mfac._reparam import is_reparametrized, user_leaf
 from mfac.numerics import check_bool_mask
 from mfac.params import writable_parameter
 
@@ -45,14 +46,12 @@ def resolve_module(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     writable_parameter(model, name)  # validates the name
     path, _, leaf = name.rpartition(".")
     module = model.get_submodule(path) if path else model
-    if leaf.endswith("_orig") and f"{leaf[:-5]}_mask" in module._buffers:
-        leaf = leaf[:-5]
-    return module, leaf
+    return module, user_leaf(module, leaf)
 
 
 def is_torch_pruned(module: nn.Module, leaf: str) -> bool:
     """Whether ``module.<leaf>`` is reparametrized by ``torch.nn.utils.prune``."""
-    return f"{leaf}_orig" in module._parameters and f"{leaf}_mask" in module._buffers
+    return is_reparametrized(module, leaf)
 
 
 def torch_prune_parameters(model: nn.Module, names: Iterable[str]) -> list[tuple[nn.Module, str]]:

@@ -47,9 +47,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mfac._reparam import is_reparametrized, write_mask
 from mfac.numerics import check_bool_mask, check_fraction, check_not_meta, check_positive_int
 from mfac.params import ParamSpace, default_prunable, prune_masks, writable_parameter
-from mfac.prune.bridge import is_torch_pruned, resolve_module
+from mfac.prune.bridge import resolve_module
 from mfac.prune.curvature import (
     Curvature,
     DiagonalFisherCurvature,
@@ -307,11 +308,8 @@ def _sync_torch_prune(model: nn.Module, masks: Masks) -> None:
     """Write the new masks into ``weight_mask`` buffers of ``torch.nn.utils.prune`` modules."""
     for name, keep in masks.items():
         module, leaf = resolve_module(model, name)
-        if is_torch_pruned(module, leaf):
-            buffer = module._buffers[f"{leaf}_mask"]
-            buffer.copy_(keep.to(buffer.dtype))
-            orig = module._parameters[f"{leaf}_orig"]
-            setattr(module, leaf, orig * buffer)  # what its forward pre-hook computes
+        if is_reparametrized(module, leaf):
+            write_mask(module, leaf, keep)  # and module.<leaf>, as its forward pre-hook computes it
 
 
 # ---------------------------------------------------------------------------------------- core loop
