@@ -26,7 +26,7 @@ recomputed as ``weight_orig * weight_mask`` by a forward pre-hook. mfac keeps th
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,7 @@ from torch import nn
 
 from mfac._flat import FlatLayout
 from mfac._reparam import base_leaf, mask_buffer, writable
+from mfac.numerics import check_bool_mask, check_not_meta
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +218,59 @@ def prune_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return masks
 
 
+# ------------------------------------------------------------------------------- the mask contract
+def check_mask(mask: object, name: str, param: torch.Tensor, *, move: bool = False) -> torch.Tensor:
+    """Check one mask against its parameter; return a detached copy on the parameter's device.
+
+    The contract every entry point of mfac applies (see "Masks" in the module docs): a ``torch.bool``
+    tensor (``TypeError`` otherwise: a 0/1 float mask such as a ``torch.nn.utils.prune`` buffer is
+    refused, convert it with ``.bool()`` or :func:`prune_masks`) of the parameter's shape
+    (``ValueError``), holding values (not on the meta device: ``ValueError``). A mask on another
+    device than its parameter is moved there with ``move`` and refused (``ValueError``) without.
+
+    Args:
+        mask: the mask, ``True`` = kept.
+        name: how messages name it, e.g. ``"mask of 'fc.weight'"``.
+        param: its parameter (shape and device).
+        move: move a mask on another device instead of refusing it.
+
+    Returns:
+        A new bool tensor (the caller's copy: later changes to ``mask`` are not seen).
+    """
+    check_bool_mask(mask, name, param.shape)
+    assert isinstance(mask, torch.Tensor)
+    if mask.device != param.device and not move:
+        raise ValueError(f"{name} must be on {param.device}, got {mask.device}")
+    check_not_meta(mask, name)
+    return mask.detach().to(param.device, copy=True)
+
+
+def check_masks(
+    masks: object,
+    lookup: Callable[[str], torch.Tensor],
+    *,
+    move: bool = False,
+    what: str = "masks",
+) -> dict[str, torch.Tensor]:
+    """Check a name-keyed masks dict; return ``{name: checked copy}`` (:func:`check_mask` on each).
+
+    Args:
+        masks: ``{user-facing parameter name: bool mask}``; anything but a mapping is a ``TypeError``.
+        lookup: the parameter of a name (raising ``ValueError`` for names that are not parameters).
+        move: see :func:`check_mask`.
+        what: how messages name the argument.
+
+    Every mask is checked before anything is returned, so a caller that applies the result after this
+    call changes nothing when a mask is bad.
+    """
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"{what} must be a dict {{name: bool tensor}}, got {type(masks).__name__}")
+    return {
+        name: check_mask(mask, f"mask of {name!r}", lookup(name), move=move)
+        for name, mask in masks.items()
+    }
+
+
 # ------------------------------------------------------------------------------- the space
 @dataclass(frozen=True)
 class _Entry:
@@ -314,14 +368,17 @@ class ParamSpace:
         self._dtype = first.dtype
         self._device = first.device
 
-        masks = dict(masks) if masks is not None else {}
+        masks = {} if masks is None else masks
+        if not isinstance(masks, Mapping):
+            raise TypeError(f"masks must be a dict {{name: bool tensor}}, got {type(masks).__name__}")
         unknown = [n for n in masks if n not in seen_names]
         if unknown:
             raise ValueError(
                 f"masks given for unknown parameters {unknown}; known: {sorted(seen_names)}"
             )
 
-        checked = {n: self._check_mask(n, p, masks[n]) for n, p in pairs if n in masks}
+        params = dict(pairs)
+        checked = check_masks(masks, params.__getitem__)
         entries = [_Entry(name, param, checked.get(name)) for name, param in pairs]
         self._entries = entries
         # offsets and kept indices: the one flattener (mfac._flat), shared with the optimizer
@@ -333,23 +390,6 @@ class ParamSpace:
         self._index = {e.name: i for i, e in enumerate(entries)}
         self._has_masks = self._flat.masked
         self._kept_indices = self._flat.kept_indices()  # shape: (k,); None without masks
-
-    def _check_mask(self, name: str, param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask of {name!r} must be a torch.Tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise TypeError(
-                f"mask of {name!r} must have dtype torch.bool (True = kept), got {mask.dtype}; "
-                "convert with mask.bool() (or use prune_masks(model))"
-            )
-        if mask.shape != param.shape:
-            raise ValueError(
-                f"mask of {name!r} must have the parameter's shape {tuple(param.shape)}, "
-                f"got {tuple(mask.shape)}"
-            )
-        if mask.device != param.device:
-            raise ValueError(f"mask of {name!r} must be on {param.device}, got {mask.device}")
-        return mask.detach().clone()
 
     # ------------------------------------------------------------------------------ constructors
     @classmethod

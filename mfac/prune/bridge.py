@@ -29,8 +29,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from mfac._reparam import is_reparametrized, user_leaf
-from mfac.numerics import check_bool_mask
-from mfac.params import writable_parameter
+from mfac.params import check_masks, writable_parameter
 
 __all__ = [
     "apply_torch_prune",
@@ -72,11 +71,7 @@ def apply_torch_prune(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> No
     A module without one gets ``weight_orig`` (the current values) and ``weight_mask``; a module that has one
     gets the product of its mask and ours (``prune.custom_from_mask`` composes them).
     """
-    checked = []
-    for name, mask in masks.items():  # every mask is checked before any module is reparametrized
-        module, leaf = resolve_module(model, name)
-        target = writable_parameter(model, name)
-        check_bool_mask(mask, f"mask of {name!r}", target.shape)
-        checked.append((module, leaf, mask.to(target.device)))
-    for module, leaf, mask in checked:
-        torch_prune.custom_from_mask(module, leaf, mask)
+    # every mask is checked before any module is reparametrized
+    checked = check_masks(masks, lambda name: writable_parameter(model, name), move=True)
+    for name, mask in checked.items():
+        torch_prune.custom_from_mask(*resolve_module(model, name), mask)

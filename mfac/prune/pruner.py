@@ -48,8 +48,8 @@ import torch
 from torch import nn
 
 from mfac._reparam import is_reparametrized, write_mask
-from mfac.numerics import check_bool_mask, check_fraction, check_not_meta, check_positive_int
-from mfac.params import ParamSpace, default_prunable, prune_masks, writable_parameter
+from mfac.numerics import check_fraction, check_not_meta, check_positive_int
+from mfac.params import ParamSpace, check_masks, default_prunable, prune_masks, writable_parameter
 from mfac.prune.bridge import resolve_module
 from mfac.prune.curvature import (
     Curvature,
@@ -125,6 +125,7 @@ def _initial_keep(model: nn.Module, names: list[str], masks: Mapping[str, torch.
     unknown = sorted(set(masks) - set(names))
     if unknown:
         raise ValueError(f"masks given for parameters that are not pruned here: {unknown}; pruned: {names}")
+    masks = check_masks(masks, lambda n: writable_parameter(model, n), move=True)
     existing = prune_masks(model)
     keep: Masks = {}
     for n in names:
@@ -133,8 +134,7 @@ def _initial_keep(model: nn.Module, names: list[str], masks: Mapping[str, torch.
         if n in existing:
             k &= existing[n].to(p.device)
         if n in masks:
-            m = check_bool_mask(masks[n], f"mask of {n!r}", p.shape)
-            k &= m.to(p.device)
+            k &= masks[n]
         keep[n] = k
     return keep
 
