@@ -11,7 +11,20 @@ Masks (sparse models)
 A space may carry boolean masks (``True`` = kept). The kept coordinates, in flat order, form the
 *kept space* of ``k <= d`` coordinates; every method that takes ``masked=True`` reads or writes
 ``(k,)`` vectors instead of ``(d,)`` ones, so the gradient window of a pruned model only needs
-``m * k`` entries. ``restrict`` / ``expand`` convert between the two.
+``m * k`` entries. ``restrict`` / ``expand`` convert between the two. The offsets and kept indices
+are those of the one flattener of mfac (``mfac._flat.FlatLayout``), which the optimizer's window
+uses too.
+
+One mask contract holds at every entry point that takes masks (this space, ``MFAC(masks=)``,
+``prune_oneshot`` / ``obs_scores`` / ``GradualPruner``, ``apply_masks``, ``apply_torch_prune``, the
+selectors' ``keep``): a mask is a ``torch.bool`` tensor shaped like its parameter, ``True`` = kept,
+holding values (not meta). Masks are keyed by user-facing parameter names, except for the optimizer,
+which has no names and takes ``{parameter tensor: mask}`` (``MaskHandle.param_masks()``). The 0/1
+``weight_mask`` buffers of ``torch.nn.utils.prune`` are not masks in this sense: :func:`prune_masks`
+converts them. :func:`check_mask` / :func:`check_masks` apply the contract (same error types and
+messages everywhere: ``TypeError`` for a non-tensor or a non-bool dtype, ``ValueError`` for a shape,
+device or meta tensor); entry points that keep a copy for the hot path (this space, the optimizer)
+refuse a mask on another device, the others move it.
 
 ``torch.nn.utils.prune``
 ------------------------
