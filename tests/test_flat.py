@@ -226,3 +226,33 @@ def test_paramspace_and_layout_agree_with_the_engine():
     for i, (p, s) in enumerate(zip(params, layout.slots, strict=True)):
         assert s.param is p and s.offset == space.named_slices(masked=True)[names[i]].start
         assert torch.equal(layout.scatter(ref, i), ref_scatter(ref, masks, [t.shape for t in tensors], i))
+
+
+def local_flat_on_the_engine(tensors, *, dtype=None, sizes=None):
+    """How ``mfac.distributed.local_flat`` reads on the engine (the port the distributed package takes)."""
+    from mfac.distributed import local_tensor
+
+    local = [None if t is None else local_tensor(t) for t in tensors]
+    if sizes is None:
+        if any(t is None for t in local):
+            raise ValueError("a None tensor needs `sizes` to know how many zeros it stands for")
+        sizes = [t.numel() for t in local]
+    dtype = dtype or next((t.dtype for t in local if t is not None), torch.float32)
+    device = next((t.device for t in local if t is not None), torch.device("cpu"))
+    flat = FlatLayout(sizes)
+    return flat.gather(local, torch.empty(flat.dim, dtype=dtype, device=device), masked=False)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16])
+def test_local_flat_is_expressible_on_the_engine(dtype):
+    from mfac.distributed import local_flat
+
+    gen = torch.Generator().manual_seed(5)
+    tensors = [noncontiguous((3, 4), gen), None, torch.randn(5, dtype=F64, generator=gen), noncontiguous((2, 0), gen)]
+    sizes = [12, 3, 5, 0]
+    want = local_flat(tensors, dtype=dtype, sizes=sizes)
+    got = local_flat_on_the_engine(tensors, dtype=dtype, sizes=sizes)
+    assert got.dtype == want.dtype and torch.equal(got, want)  # bit-identical, the cast included
+    present = [t for t in tensors if t is not None]
+    assert torch.equal(local_flat_on_the_engine(present), local_flat(present))
+    assert torch.equal(local_flat_on_the_engine([]), local_flat([]))
