@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from mfac.numerics import check_fraction
-from mfac.prune.masks import check_keep, nm_groups, prune_count
+from mfac.prune.masks import _check_keep, nm_groups, prune_count
 
 __all__ = ["GROUP_SPECS", "group_labels", "select_groups"]
 
@@ -127,7 +127,7 @@ def select_groups(
         removed is the prefix sum of the ranked groups' kept sizes nearest to the target (ties: fewer).
     """
     names = list(scores)
-    keep = check_keep(scores, keep)
+    keep = _check_keep(scores, keep)
     if isinstance(sparsity, Mapping):
         if set(sparsity) != set(names):
             raise ValueError(f"per-layer sparsity must cover exactly the scored parameters {names}")

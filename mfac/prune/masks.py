@@ -69,10 +69,10 @@ def _check_scores(scores: Tensors, keep: Tensors | None) -> dict[str, torch.Tens
             raise TypeError(f"score of {name!r} must be a torch.Tensor, got {type(s).__name__}")
         if bool(torch.isnan(s).any()):
             raise ValueError(f"score of {name!r} has NaN entries")
-    return check_keep(scores, keep)
+    return _check_keep(scores, keep)
 
 
-def check_keep(scores: Tensors, keep: Tensors | None) -> dict[str, torch.Tensor]:
+def _check_keep(scores: Tensors, keep: Tensors | None) -> dict[str, torch.Tensor]:
     """Check the ``keep`` masks of a selector: the mask contract, each shaped like its score.
 
     Returns ``dict(keep)`` (the caller's tensors; moved to the scores' devices where used).
