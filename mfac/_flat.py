@@ -247,7 +247,9 @@ class FlatLayout:
             part = vec[start : start + width]
             if idx is None:
                 return part.view(shape)
-            full = torch.full((self.numels[index],), fill, dtype=vec.dtype, device=vec.device)
+            n = self.numels[index]
+            full = (torch.zeros(n, dtype=vec.dtype, device=vec.device) if fill == 0.0
+                    else torch.full((n,), fill, dtype=vec.dtype, device=vec.device))
             return full.index_copy_(0, idx, part).view(shape)
         batch = vec.shape[:-1]
         part = vec[..., start : start + width]
