@@ -383,7 +383,12 @@ class ParamSpace:
 
         masks = {} if masks is None else masks
         if not isinstance(masks, Mapping):
-            raise TypeError(f"masks must be a dict {{name: bool tensor}}, got {type(masks).__name__}")
+            try:  # (name, mask) pairs, as dict() takes them, are accepted too
+                masks = dict(masks)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"masks must be a dict {{name: bool tensor}}, got {type(masks).__name__}"
+                ) from None
         unknown = [n for n in masks if n not in seen_names]
         if unknown:
             raise ValueError(

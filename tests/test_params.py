@@ -235,6 +235,16 @@ def test_prune_reparametrization_names_and_writes():
     assert torch.equal(g.view(4, 3)[~masks["0.weight"]], torch.zeros(6, dtype=DT))
 
 
+def test_masks_as_pairs_are_accepted_and_anything_else_is_a_type_error():
+    model = small_mlp()
+    mask = torch.rand(4, 3) > 0.5
+    by_pairs = ParamSpace.from_module(model, masks=[("0.weight", mask)])
+    assert torch.equal(by_pairs.kept_indices(), ParamSpace.from_module(model, masks={"0.weight": mask}).kept_indices())
+    for bad in ([mask], 3):
+        with pytest.raises(TypeError, match=r"masks must be a dict \{name: bool tensor\}"):
+            ParamSpace.from_module(model, masks=bad)
+
+
 def test_reparametrization_decoder_on_a_pruned_and_unpruned_mix():
     """One decoder of torch.nn.utils.prune's ``_orig``/``_mask``: pruned, unpruned and look-alike leaves."""
     torch.manual_seed(1)
