@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mfac._reparam import reparametrized_leaves
 from mfac.numerics import allocate, check_not_meta, check_positive_int, format_bytes
 from mfac.params import ParamSpace
 
@@ -112,9 +113,8 @@ def _preserved_prune_attributes(model: nn.Module) -> Iterator[None]:
     """
     saved = []
     for module in model.modules():
-        for key in list(module._buffers):
-            base = key[: -len("_mask")] if key.endswith("_mask") else None
-            if base and f"{base}_orig" in module._parameters and base in module.__dict__:
+        for base in reparametrized_leaves(module):
+            if base in module.__dict__:
                 saved.append((module, base, module.__dict__[base]))
     try:
         yield
@@ -143,11 +143,16 @@ def _resolve_space(model: nn.Module, params: Sequence[str] | ParamSpace | None) 
     return space
 
 
-def _check_loss(loss: Any, row: int) -> torch.Tensor:
+def _check_scalar(loss: Any) -> None:
+    """Check what ``loss_fn`` returned (every path): a tensor (``TypeError``), one entry (``ValueError``)."""
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"loss_fn must return a scalar torch.Tensor, got {type(loss).__name__}")
     if loss.numel() != 1:
         raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
+
+
+def _check_loss(loss: Any, row: int) -> torch.Tensor:
+    _check_scalar(loss)
     if not bool(torch.isfinite(loss.detach()).all()):
         raise ValueError(f"loss of gradient row {row} is {loss.item()}, must be finite")
     if not loss.requires_grad:
@@ -325,10 +330,7 @@ def _per_sample_grad_fn(
     def sample_loss(values: tuple[torch.Tensor, ...], sample: Any) -> torch.Tensor:
         swapped = dict(zip(keys, values, strict=True))
         loss = functional_call(wrapper, swapped, (_as_batch_of_one(sample),))
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"loss_fn must return a scalar torch.Tensor, got {type(loss).__name__}")
-        if loss.numel() != 1:
-            raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
+        _check_scalar(loss)
         if not loss.requires_grad:  # inside torch.func.grad: False exactly for a loss cut from the params
             raise ValueError(_detached_message("a per-sample loss"))
         return loss.reshape(())
@@ -601,10 +603,7 @@ def evaluate_loss(
     with _preserved_state(model, train), torch.no_grad():
         for batch in data:
             loss = loss_fn(model, batch)
-            if not isinstance(loss, torch.Tensor):
-                raise TypeError(f"loss_fn must return a scalar torch.Tensor, got {type(loss).__name__}")
-            if loss.numel() != 1:
-                raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
+            _check_scalar(loss)
             total += float(loss.detach().to(torch.float64))
             count += 1
             if max_batches is not None and count >= max_batches:

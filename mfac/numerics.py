@@ -33,9 +33,11 @@ Error rules (every public entry point of mfac follows them)
   that raised is left as it was.
 * Lost accuracy that can be detected is a :class:`NumericalWarning` (filterable), never silent.
 
-The shared checks live here (``check_damp``, ``check_positive_int``, ``check_fraction``,
-``check_finite``, ``check_same_placement``, ``check_not_meta``, ``check_bool_mask``) so that every
-entry point words and types its errors the same way.
+The shared checks live here (``check_damp``, ``check_positive_int``, ``check_nonnegative_int``,
+``check_real``, ``check_nonnegative``, ``check_fraction``, ``check_finite``, ``check_same_placement``,
+``check_not_meta``, ``check_bool_mask``) so that every entry point words and types its errors the same
+way; the mask contract built on ``check_bool_mask`` (one mask against its parameter, a name-keyed dict
+of them) is :func:`mfac.params.check_mask` / :func:`mfac.params.check_masks`.
 """
 
 from __future__ import annotations
@@ -67,8 +69,11 @@ __all__ = [
     "check_finite",
     "check_fraction",
     "check_memory",
+    "check_nonnegative",
+    "check_nonnegative_int",
     "check_not_meta",
     "check_positive_int",
+    "check_real",
     "check_same_placement",
     "format_bytes",
     "read_checks",
@@ -159,7 +164,8 @@ def check_bool_mask(
         raise TypeError(f"{name} must be a torch.bool tensor (True = kept), got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(
-            f"{name} must have dtype torch.bool (True = kept), got {mask.dtype}; convert with .bool()"
+            f"{name} must have dtype torch.bool (True = kept), got {mask.dtype}; convert with .bool() "
+            "(the bool masks of a model pruned with torch.nn.utils.prune: mfac.params.prune_masks(model))"
         )
     if shape is not None and tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have the parameter's shape {tuple(shape)}, got {tuple(mask.shape)}")
@@ -168,11 +174,38 @@ def check_bool_mask(
 
 def check_positive_int(value: int, name: str) -> int:
     """Return ``value`` after checking that it is an integer >= 1."""
+    return _check_int(value, name, 1)
+
+
+def check_nonnegative_int(value: int, name: str) -> int:
+    """Return ``value`` after checking that it is an integer >= 0 (a step count, a step number)."""
+    return _check_int(value, name, 0)
+
+
+def _check_int(value: int, name: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
     return value
+
+
+def check_real(value: float, name: str) -> float:
+    """Return ``value`` as a float after checking that it is a finite real number (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {out}")
+    return out
+
+
+def check_nonnegative(value: float, name: str) -> float:
+    """Return ``value`` as a float after checking that it is a finite real number >= 0 (``lr``)."""
+    out = check_real(value, name)
+    if out < 0.0:
+        raise ValueError(f"{name} must be >= 0, got {out}")
+    return out
 
 
 def check_finite(tensor: torch.Tensor, name: str) -> None:

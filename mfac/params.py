@@ -11,7 +11,20 @@ Masks (sparse models)
 A space may carry boolean masks (``True`` = kept). The kept coordinates, in flat order, form the
 *kept space* of ``k <= d`` coordinates; every method that takes ``masked=True`` reads or writes
 ``(k,)`` vectors instead of ``(d,)`` ones, so the gradient window of a pruned model only needs
-``m * k`` entries. ``restrict`` / ``expand`` convert between the two.
+``m * k`` entries. ``restrict`` / ``expand`` convert between the two. The offsets and kept indices
+are those of the one flattener of mfac (``mfac._flat.FlatLayout``), which the optimizer's window
+uses too.
+
+One mask contract holds at every entry point that takes masks (this space, ``MFAC(masks=)``,
+``prune_oneshot`` / ``obs_scores`` / ``GradualPruner``, ``apply_masks``, ``apply_torch_prune``, the
+selectors' ``keep``): a mask is a ``torch.bool`` tensor shaped like its parameter, ``True`` = kept,
+holding values (not meta). Masks are keyed by user-facing parameter names, except for the optimizer,
+which has no names and takes ``{parameter tensor: mask}`` (``MaskHandle.param_masks()``). The 0/1
+``weight_mask`` buffers of ``torch.nn.utils.prune`` are not masks in this sense: :func:`prune_masks`
+converts them. :func:`check_mask` / :func:`check_masks` apply the contract (same error types and
+messages everywhere: ``TypeError`` for a non-tensor or a non-bool dtype, ``ValueError`` for a shape,
+device or meta tensor); entry points that keep a copy for the hot path (this space, the optimizer)
+refuse a mask on another device, the others move it.
 
 ``torch.nn.utils.prune``
 ------------------------
@@ -26,11 +39,15 @@ recomputed as ``weight_orig * weight_mask`` by a forward pre-hook. mfac keeps th
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from mfac._flat import FlatLayout
+from mfac._reparam import base_leaf, mask_buffer, writable
+from mfac.numerics import check_bool_mask, check_not_meta
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +67,6 @@ TensorsLike = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
 
 # ------------------------------------------------------------------------------- module helpers
-def _reparametrized_base(module: nn.Module, leaf: str) -> str | None:
-    """Return ``"weight"`` if ``leaf == "weight_orig"`` is a prune reparametrization, else None."""
-    if not leaf.endswith("_orig"):
-        return None
-    base = leaf[: -len("_orig")]
-    if base and f"{base}_mask" in module._buffers:
-        return base
-    return None
-
-
 def _split(name: str) -> tuple[str, str]:
     path, _, leaf = name.rpartition(".")
     return path, leaf
@@ -78,7 +85,7 @@ def named_writable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parame
     for name, param in model.named_parameters():
         path, leaf = _split(name)
         owner = model.get_submodule(path) if path else model
-        base = _reparametrized_base(owner, leaf)
+        base = base_leaf(owner, leaf)
         yield (f"{path}.{base}" if path else base, param) if base else (name, param)
 
 
@@ -101,12 +108,9 @@ def writable_parameter(model: nn.Module, name: str) -> nn.Parameter:
     except AttributeError:
         owner = None
     if owner is not None:
-        param = owner._parameters.get(leaf)
+        param = writable(owner, leaf)
         if param is not None:
             return param
-        orig = owner._parameters.get(f"{leaf}_orig")
-        if orig is not None and f"{leaf}_mask" in owner._buffers:
-            return orig
     raise ValueError(f"{name!r} is not a parameter of {type(model).__name__}")
 
 
@@ -158,8 +162,7 @@ def _embedding_tensors(model: nn.Module) -> tuple[set[int], set[tuple[str, int, 
     for module in model.modules():
         if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             continue
-        for leaf in ("weight", "weight_orig"):
-            param = module._parameters.get(leaf)
+        for param in (module._parameters.get("weight"), writable(module, "weight")):
             if param is None:
                 continue
             ids.add(id(param))
@@ -201,9 +204,7 @@ def default_prunable(model: nn.Module) -> list[str]:
     for module in model.modules():
         if not isinstance(module, types):
             continue
-        weight = module._parameters.get("weight")
-        if weight is None and "weight_mask" in module._buffers:
-            weight = module._parameters.get("weight_orig")
+        weight = writable(module, "weight")
         if weight is None or id(weight) in embedding_ids:
             continue
         key = _storage_key(weight)
@@ -224,9 +225,63 @@ def prune_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, _ in named_writable_parameters(model):
         path, leaf = _split(name)
         owner = model.get_submodule(path) if path else model
-        if leaf not in owner._parameters and f"{leaf}_mask" in owner._buffers:
-            masks[name] = owner._buffers[f"{leaf}_mask"].detach().bool()
+        buffer = None if leaf in owner._parameters else mask_buffer(owner, leaf)
+        if buffer is not None:
+            masks[name] = buffer.detach().bool()
     return masks
+
+
+# ------------------------------------------------------------------------------- the mask contract
+def check_mask(mask: object, name: str, param: torch.Tensor, *, move: bool = False) -> torch.Tensor:
+    """Check one mask against its parameter; return a detached copy on the parameter's device.
+
+    The contract every entry point of mfac applies (see "Masks" in the module docs): a ``torch.bool``
+    tensor (``TypeError`` otherwise: a 0/1 float mask such as a ``torch.nn.utils.prune`` buffer is
+    refused, convert it with ``.bool()`` or :func:`prune_masks`) of the parameter's shape
+    (``ValueError``), holding values (not on the meta device: ``ValueError``). A mask on another
+    device than its parameter is moved there with ``move`` and refused (``ValueError``) without.
+
+    Args:
+        mask: the mask, ``True`` = kept.
+        name: how messages name it, e.g. ``"mask of 'fc.weight'"``.
+        param: its parameter (shape and device).
+        move: move a mask on another device instead of refusing it.
+
+    Returns:
+        A new bool tensor (the caller's copy: later changes to ``mask`` are not seen).
+    """
+    check_bool_mask(mask, name, param.shape)
+    assert isinstance(mask, torch.Tensor)
+    if mask.device != param.device and not move:
+        raise ValueError(f"{name} must be on {param.device}, got {mask.device}")
+    check_not_meta(mask, name)
+    return mask.detach().to(param.device, copy=True)
+
+
+def check_masks(
+    masks: object,
+    lookup: Callable[[str], torch.Tensor],
+    *,
+    move: bool = False,
+    what: str = "masks",
+) -> dict[str, torch.Tensor]:
+    """Check a name-keyed masks dict; return ``{name: checked copy}`` (:func:`check_mask` on each).
+
+    Args:
+        masks: ``{user-facing parameter name: bool mask}``; anything but a mapping is a ``TypeError``.
+        lookup: the parameter of a name (raising ``ValueError`` for names that are not parameters).
+        move: see :func:`check_mask`.
+        what: how messages name the argument.
+
+    Every mask is checked before anything is returned, so a caller that applies the result after this
+    call changes nothing when a mask is bad.
+    """
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"{what} must be a dict {{name: bool tensor}}, got {type(masks).__name__}")
+    return {
+        name: check_mask(mask, f"mask of {name!r}", lookup(name), move=move)
+        for name, mask in masks.items()
+    }
 
 
 # ------------------------------------------------------------------------------- the space
@@ -234,10 +289,7 @@ def prune_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 class _Entry:
     name: str
     param: torch.Tensor
-    offset: int  # into the full (d,) vector
-    kept_offset: int  # into the kept (k,) vector
     mask: torch.Tensor | None  # bool, shape of param; None = all kept
-    kept_local: torch.Tensor | None  # long (kept,) flat indices inside the param; None = all kept
 
     @property
     def shape(self) -> torch.Size:
@@ -246,10 +298,6 @@ class _Entry:
     @property
     def numel(self) -> int:
         return self.param.numel()
-
-    @property
-    def kept(self) -> int:
-        return self.numel if self.kept_local is None else self.kept_local.numel()
 
 
 class ParamSpace:
@@ -333,55 +381,33 @@ class ParamSpace:
         self._dtype = first.dtype
         self._device = first.device
 
-        masks = dict(masks) if masks is not None else {}
+        masks = {} if masks is None else masks
+        if not isinstance(masks, Mapping):
+            try:  # (name, mask) pairs, as dict() takes them, are accepted too
+                masks = dict(masks)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"masks must be a dict {{name: bool tensor}}, got {type(masks).__name__}"
+                ) from None
         unknown = [n for n in masks if n not in seen_names]
         if unknown:
             raise ValueError(
                 f"masks given for unknown parameters {unknown}; known: {sorted(seen_names)}"
             )
 
-        entries: list[_Entry] = []
-        offset = kept_offset = 0
-        for name, param in pairs:
-            mask = masks.get(name)
-            kept_local = None
-            if mask is not None:
-                mask = self._check_mask(name, param, mask)
-                kept_local = mask.reshape(-1).nonzero().squeeze(1)
-            entry = _Entry(name, param, offset, kept_offset, mask, kept_local)
-            entries.append(entry)
-            offset += entry.numel
-            kept_offset += entry.kept
+        params = dict(pairs)
+        checked = check_masks(masks, params.__getitem__)
+        entries = [_Entry(name, param, checked.get(name)) for name, param in pairs]
         self._entries = entries
-        self._dim = offset
-        self._kept_dim = kept_offset
+        # offsets and kept indices: the one flattener (mfac._flat), shared with the optimizer
+        self._flat = FlatLayout.from_masks(
+            [e.mask for e in entries], [e.numel for e in entries], device=self._device
+        )
+        self._dim = self._flat.dim
+        self._kept_dim = self._flat.kept_dim
         self._index = {e.name: i for i, e in enumerate(entries)}
-        self._has_masks = any(e.mask is not None for e in entries)
-        self._kept_indices: torch.Tensor | None = None
-        if self._has_masks:
-            parts = [
-                torch.arange(e.numel, device=self._device) + e.offset if e.kept_local is None
-                else e.kept_local + e.offset
-                for e in entries
-            ]
-            self._kept_indices = torch.cat(parts)  # shape: (k,)
-
-    def _check_mask(self, name: str, param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask of {name!r} must be a torch.Tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise TypeError(
-                f"mask of {name!r} must have dtype torch.bool (True = kept), got {mask.dtype}; "
-                "convert with mask.bool() (or use prune_masks(model))"
-            )
-        if mask.shape != param.shape:
-            raise ValueError(
-                f"mask of {name!r} must have the parameter's shape {tuple(param.shape)}, "
-                f"got {tuple(mask.shape)}"
-            )
-        if mask.device != param.device:
-            raise ValueError(f"mask of {name!r} must be on {param.device}, got {mask.device}")
-        return mask.detach().clone()
+        self._has_masks = self._flat.masked
+        self._kept_indices = self._flat.kept_indices()  # shape: (k,); None without masks
 
     # ------------------------------------------------------------------------------ constructors
     @classmethod
@@ -507,7 +533,7 @@ class ParamSpace:
     @property
     def offsets(self) -> list[int]:
         """Start of each parameter in the full ``(d,)`` vector."""
-        return [e.offset for e in self._entries]
+        return list(self._flat.offsets)
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -520,9 +546,9 @@ class ParamSpace:
 
     def named_slices(self, *, masked: bool = False) -> dict[str, slice]:
         """Return ``{name: slice}`` of each parameter in the ``(d,)`` (or kept ``(k,)``) vector."""
-        if masked:
-            return {e.name: slice(e.kept_offset, e.kept_offset + e.kept) for e in self._entries}
-        return {e.name: slice(e.offset, e.offset + e.numel) for e in self._entries}
+        flat = self._flat
+        starts, widths = (flat.kept_offsets, flat.sizes) if masked else (flat.offsets, flat.numels)
+        return {e.name: slice(a, a + n) for e, a, n in zip(self._entries, starts, widths, strict=True)}
 
     def kept_indices(self) -> torch.Tensor:
         """Return the flat indices (into ``(d,)``) of the kept coordinates: increasing, ``(k,)``."""
@@ -611,15 +637,7 @@ class ParamSpace:
             self._check_placement(out, "out")
             if out.shape != (*batch, width):
                 raise ValueError(f"out must have shape {(*batch, width)}, got {tuple(out.shape)}")
-        for e, t in zip(self._entries, items, strict=True):
-            flat = t.reshape(*batch, e.numel)
-            if masked:
-                if e.kept_local is not None:
-                    flat = flat.index_select(-1, e.kept_local)
-                out[..., e.kept_offset : e.kept_offset + e.kept].copy_(flat)
-            else:
-                out[..., e.offset : e.offset + e.numel].copy_(flat)
-        return out
+        return self._flat.gather(items, out, masked=masked)
 
     def masked_flatten(
         self, tensors: TensorsLike, *, out: torch.Tensor | None = None
@@ -638,10 +656,7 @@ class ParamSpace:
             ``vec``).
         """
         self._check_vector(vec, self._dim, "vec")
-        batch = vec.shape[:-1]
-        return [
-            vec[..., e.offset : e.offset + e.numel].view((*batch, *e.shape)) for e in self._entries
-        ]
+        return self._flat.unflatten(vec, self.shapes)
 
     def named_unflatten(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
         """``unflatten`` as ``{name: view}``."""
@@ -665,9 +680,7 @@ class ParamSpace:
         Without masks this returns ``vec`` itself (no copy).
         """
         self._check_vector(vec, self._dim, "vec")
-        if self._kept_indices is None:
-            return vec
-        return vec.index_select(-1, self._kept_indices)
+        return self._flat.restrict(vec)
 
     def expand(self, vec: torch.Tensor, *, fill: float = 0.0) -> torch.Tensor:
         """Return a full vector from kept coordinates: ``(*batch, k) -> (*batch, d)``.
@@ -677,10 +690,7 @@ class ParamSpace:
         Without masks this returns ``vec`` itself (no copy).
         """
         self._check_vector(vec, self._kept_dim, "vec")
-        if self._kept_indices is None:
-            return vec
-        out = torch.full((*vec.shape[:-1], self._dim), fill, dtype=self._dtype, device=self._device)
-        return out.index_copy_(-1, self._kept_indices, vec)
+        return self._flat.expand(vec, fill=fill)
 
     # ------------------------------------------------------------------------------ read
     def param_vector(self, *, masked: bool = False) -> torch.Tensor:
@@ -744,8 +754,7 @@ class ParamSpace:
                 for p, v in zip(self.params, self.unflatten(vec), strict=True):
                     p.copy_(v)
                 return
-            for e in self._entries:
-                part = vec[e.kept_offset : e.kept_offset + e.kept]
+            for e, part in zip(self._entries, self._flat.split(vec, masked=True), strict=True):
                 if e.mask is None:
                     e.param.copy_(part.view(e.shape))
                 else:

@@ -534,7 +534,7 @@ CASES = [
     ("select_global keep unknown", lambda: mprune.select_global(SCORES, 0.5, keep={"c": torch.ones(1, dtype=torch.bool)}),
      ValueError, r"keep masks given for parameters without scores: \['c'\]"),
     ("select_global keep float", lambda: mprune.select_global(SCORES, 0.5, keep={"a": torch.ones(2, 4)}), TypeError,
-     r"keep mask of 'a' must be a bool tensor"),
+     r"keep mask of 'a' must have dtype torch.bool .*got torch.float32; convert with .bool\(\)"),
     ("select_per_layer dict extra", lambda: mprune.select_per_layer(SCORES, {"a": 0.5, "b": 0.5, "c": 0.5}), ValueError,
      r"extra \['c'\]"),
     ("select_per_layer dict > 1", lambda: mprune.select_per_layer(SCORES, {"a": 0.5, "b": 1.5}), ValueError, r"sparsity\['b'\]"),
@@ -605,3 +605,64 @@ def test_bad_input(call, error, message):
 def test_collect_refuses_meta_parameters():
     with pytest.raises(ValueError, match=r"parameter '0.weight' is on the meta device"):
         collect(net=model().to("meta"))
+
+
+# ---------------------------------------------------------------------------------------- one mask contract
+def _mfac_with(mask):
+    net = model()
+    return mfac.MFAC(net.parameters(), masks={net[0].weight: mask})
+
+
+def _select_groups_with(mask):
+    scores_ = {"0.weight": torch.rand(4, 4)}
+    labels = mprune.group_labels(scores_, "block:2")
+    return mprune.select_groups(scores_, labels, 0.5, keep={"0.weight": mask})
+
+
+#: every public entry point that takes masks, each given the mask of "0.weight" (shape (4, 4))
+MASK_ENTRY_POINTS = {
+    "ParamSpace": lambda m: space(masks={"0.weight": m}),
+    "MFAC": _mfac_with,
+    "prune_oneshot": lambda m: oneshot(masks={"0.weight": m}),
+    "obs_scores": lambda m: scores(masks={"0.weight": m}),
+    "apply_masks": lambda m: handle(masks={"0.weight": m}),
+    "apply_torch_prune": lambda m: mprune.apply_torch_prune(model(), {"0.weight": m}),
+    "select_global keep": lambda m: mprune.select_global({"0.weight": torch.rand(4, 4)}, 0.5, keep={"0.weight": m}),
+    "select_groups keep": _select_groups_with,
+}
+BAD_MASKS = {
+    "0/1 float": (lambda: torch.ones(4, 4), TypeError, r"must have dtype torch.bool \(True = kept\), got torch.float32"),
+    "nested list": (lambda: [[True] * 4] * 4, TypeError, r"must be a torch.bool tensor \(True = kept\), got list"),
+    "wrong shape": (lambda: torch.ones(4, 3, dtype=torch.bool), ValueError, r"shape \(4, 4\), got \(4, 3\)"),
+    "meta": (lambda: torch.ones(4, 4, dtype=torch.bool, device="meta"), ValueError, r"meta"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_MASKS.values(), ids=BAD_MASKS.keys())
+@pytest.mark.parametrize("entry", MASK_ENTRY_POINTS.values(), ids=MASK_ENTRY_POINTS.keys())
+def test_one_mask_contract_at_every_entry_point(entry, bad):
+    make, error, message = bad
+    with pytest.raises(error, match=message) as info:
+        entry(make())
+    assert type(info.value) is error
+
+
+@pytest.mark.parametrize("entry", MASK_ENTRY_POINTS.values(), ids=MASK_ENTRY_POINTS.keys())
+def test_every_mask_entry_point_accepts_a_good_mask(entry):
+    keep = torch.ones(4, 4, dtype=torch.bool)
+    keep[0, :2] = False
+    entry(keep)  # the contract's positive side: no entry point refuses a valid bool mask
+
+
+def test_name_keyed_entry_points_refuse_a_non_mapping_the_same_way():
+    for call in (lambda: space(masks=[BOOL44]), lambda: oneshot(masks=[BOOL44]), lambda: handle(masks=[BOOL44]),
+                 lambda: mprune.apply_torch_prune(model(), [BOOL44])):
+        with pytest.raises(TypeError, match=r"masks must be a dict \{name: bool tensor\}, got list"):
+            call()
+
+
+def test_apply_torch_prune_checks_every_mask_before_reparametrizing():
+    net = model()
+    with pytest.raises(TypeError, match=r"mask of '2.weight'"):
+        mprune.apply_torch_prune(net, {"0.weight": BOOL44, "2.weight": torch.ones(3, 4)})
+    assert "weight_mask" not in net[0]._buffers and "weight_orig" not in net[0]._parameters

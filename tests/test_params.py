@@ -9,6 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from mfac._reparam import (
+    base_leaf,
+    is_reparametrized,
+    mask_buffer,
+    reparametrized_leaves,
+    user_leaf,
+    writable,
+    write_mask,
+)
 from mfac.params import (
     ParamSpace,
     default_prunable,
@@ -224,6 +233,59 @@ def test_prune_reparametrization_names_and_writes():
     model(x).sum().backward()
     g = space.grad_vector()
     assert torch.equal(g.view(4, 3)[~masks["0.weight"]], torch.zeros(6, dtype=DT))
+
+
+def test_masks_as_pairs_are_accepted_and_anything_else_is_a_type_error():
+    model = small_mlp()
+    mask = torch.rand(4, 3) > 0.5
+    by_pairs = ParamSpace.from_module(model, masks=[("0.weight", mask)])
+    assert torch.equal(by_pairs.kept_indices(), ParamSpace.from_module(model, masks={"0.weight": mask}).kept_indices())
+    for bad in ([mask], 3):
+        with pytest.raises(TypeError, match=r"masks must be a dict \{name: bool tensor\}"):
+            ParamSpace.from_module(model, masks=bad)
+
+
+def test_reparametrization_decoder_on_a_pruned_and_unpruned_mix():
+    """One decoder of torch.nn.utils.prune's ``_orig``/``_mask``: pruned, unpruned and look-alike leaves."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)).to(DT)
+    prune.l1_unstructured(model[0], "weight", amount=0.5)  # pruned weight, unpruned bias
+    prune.custom_from_mask(model[2], "bias", torch.tensor([True, False]))  # a pruned bias
+    # a look-alike: a parameter named like an _orig, with no _mask buffer (not a reparametrization)
+    model[1].register_parameter("scale_orig", nn.Parameter(torch.ones(4, dtype=DT)))
+    pruned, plain, alike = model[0], model[1], model[1]
+
+    assert is_reparametrized(pruned, "weight") and not is_reparametrized(pruned, "bias")
+    assert is_reparametrized(model[2], "bias") and not is_reparametrized(model[2], "weight")
+    assert not is_reparametrized(alike, "scale") and not is_reparametrized(plain, "weight")
+    assert base_leaf(pruned, "weight_orig") == "weight" and base_leaf(alike, "scale_orig") is None
+    assert base_leaf(pruned, "weight") is None and base_leaf(pruned, "_orig") is None
+    assert user_leaf(pruned, "weight_orig") == "weight" and user_leaf(alike, "scale_orig") == "scale_orig"
+    assert writable(pruned, "weight") is pruned.weight_orig and writable(pruned, "bias") is pruned.bias
+    assert writable(alike, "scale") is None and writable(alike, "scale_orig") is alike.scale_orig
+    assert mask_buffer(pruned, "weight") is pruned.weight_mask and mask_buffer(pruned, "bias") is None
+    assert reparametrized_leaves(pruned) == ["weight"] and reparametrized_leaves(plain) == []
+    assert reparametrized_leaves(model[2]) == ["bias"] and reparametrized_leaves(model) == []
+
+    # the public names built on it
+    names = [n for n, _ in named_writable_parameters(model)]
+    assert names == ["0.bias", "0.weight", "1.weight", "1.bias", "1.scale_orig", "2.weight", "2.bias"]
+    assert writable_parameter(model, "0.weight") is pruned.weight_orig
+    assert writable_parameter(model, "2.bias") is model[2].bias_orig
+    assert writable_parameter(model, "1.scale_orig") is alike.scale_orig
+    with pytest.raises(ValueError, match="not a parameter"):
+        writable_parameter(model, "1.scale")
+    masks = prune_masks(model)
+    assert list(masks) == ["0.weight", "2.bias"]
+    assert torch.equal(masks["0.weight"], pruned.weight_mask.bool())
+    assert default_prunable(model) == ["0.weight", "1.weight", "2.weight"]
+
+    # write_mask: the buffer (in its 0/1 dtype) and the recomputed attribute
+    write_mask(model[2], "bias", torch.tensor([False, True]))
+    assert model[2].bias_mask.dtype == DT and model[2].bias_mask.tolist() == [0.0, 1.0]
+    assert torch.equal(model[2].bias, model[2].bias_orig * model[2].bias_mask)
+    write_mask(pruned, "weight", torch.ones(4, 3, dtype=torch.bool))
+    assert torch.equal(pruned.weight, pruned.weight_orig)
 
 
 def test_default_prunable():

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mfac._flat import FlatLayout
 from mfac.distributed._comm import CommStats
 from mfac.distributed._layout import ShardSpec
 
@@ -41,22 +42,18 @@ def local_flat(
 
     A None entry (a parameter without gradient) contributes zeros, which needs ``sizes`` (the local
     numel of each entry). This is rank ``r``'s slice of the FSDP global vector (see the module docs).
+    Built on the package's one flattener (:class:`mfac._flat.FlatLayout`); a ``sizes[i]`` that
+    disagrees with a tensor's local numel raises instead of misaligning the later parts.
     """
-    parts = []
-    for t in tensors:
-        if t is None:
-            if sizes is None:
-                raise ValueError("a None tensor needs `sizes` to know how many zeros it stands for")
-            parts.append(None)
-            continue
-        parts.append(local_tensor(t).reshape(-1))
-    dtype = dtype or next((p.dtype for p in parts if p is not None), torch.float32)
-    device = next((p.device for p in parts if p is not None), torch.device("cpu"))
-    out = [
-        torch.zeros(int(sizes[i]), dtype=dtype, device=device) if p is None else p.to(dtype)
-        for i, p in enumerate(parts)
-    ]
-    return torch.cat(out) if out else torch.zeros(0, dtype=dtype, device=device)
+    local = [None if t is None else local_tensor(t) for t in tensors]
+    if sizes is None:
+        if any(t is None for t in local):
+            raise ValueError("a None tensor needs `sizes` to know how many zeros it stands for")
+        sizes = [t.numel() for t in local]
+    dtype = dtype or next((t.dtype for t in local if t is not None), torch.float32)
+    device = next((t.device for t in local if t is not None), torch.device("cpu"))
+    flat = FlatLayout(sizes)
+    return flat.gather(local, torch.empty(flat.dim, dtype=dtype, device=device), masked=False)
 
 
 def gather_full(

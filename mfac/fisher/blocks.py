@@ -42,6 +42,7 @@ from mfac.numerics import (
     check_damp,
     check_finite,
     check_positive_int,
+    check_same_placement,
     safe_cholesky,
 )
 
@@ -270,11 +271,7 @@ class BlockFisherAccumulator:
         grads = check_grads(grads, finite=False)
         if grads.shape[1] != self._dim:
             raise ValueError(f"grads must have {self._dim} columns (d), got shape {tuple(grads.shape)}")
-        if grads.dtype != self._dtype or grads.device != self._device:
-            raise TypeError(
-                f"grads must have dtype {self._dtype} on {self._device} (the accumulator's), "
-                f"got {grads.dtype} on {grads.device}"
-            )
+        check_same_placement(grads, "grads", self._dtype, self._device)  # dtype TypeError, device ValueError
         k = grads.shape[0]
         if k == 0:
             return

@@ -1,17 +1,22 @@
 """The window's coordinates: the kept entries of the optimizer's active parameters, flat.
 
-Private to :mod:`mfac.optim`. Unlike :class:`mfac.params.ParamSpace`, the flat vector here has its
-own dtype (the window's *compute dtype*, float32 or better), which may differ from the parameters'
-(e.g. bfloat16 parameters, float32 window) and from one parameter to the next; gradients are cast
-while they are gathered, in the same copy.
+Private to :mod:`mfac.optim`. A thin layer over :class:`mfac._flat.FlatLayout` (the offsets and kept
+indices, shared with :class:`mfac.params.ParamSpace`). Unlike a ``ParamSpace``, the flat vector here
+has its own dtype (the window's *compute dtype*, float32 or better), which may differ from the
+parameters' (e.g. bfloat16 parameters, float32 window) and from one parameter to the next; gradients
+are cast while they are gathered, in the same copy. Only kept coordinates are ever stored: the flat
+vector is the kept vector of the ``FlatLayout``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from mfac._flat import FlatLayout
 
 __all__: list[str] = []
 
@@ -49,19 +54,23 @@ class Layout:
         local: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self._local = local or _identity
-        slots = []
-        offset = 0
-        for p in params:
-            mask = masks.get(p)
-            kept = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
-            size = self._local(p).numel() if kept is None else kept.numel()
-            slots.append(_Slot(p, offset, size, kept))
-            offset += size
-        self.slots: list[_Slot] = slots
-        self.dim = offset
+        params = list(params)
+        mask_list = [masks.get(p) for p in params]
+        # a masked parameter is whole (masks are refused with sharded parameters); else its local part
+        shapes = [
+            self._local(p).shape if m is None else p.shape for p, m in zip(params, mask_list, strict=True)
+        ]
+        numels = [math.prod(shape) for shape in shapes]
+        self.flat = FlatLayout.from_masks(mask_list, numels, device=device)
+        flat = self.flat
+        self.slots: list[_Slot] = [
+            _Slot(p, flat.kept_offsets[i], flat.sizes[i], flat.kept[i]) for i, p in enumerate(params)
+        ]
+        self.dim = flat.kept_dim
         self.dtype = dtype
         self.device = device
-        self._index = {s.param: i for i, s in enumerate(slots)}  # tensors hash by identity
+        self._shapes = shapes
+        self._index = {s.param: i for i, s in enumerate(self.slots)}  # tensors hash by identity
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -84,16 +93,13 @@ class Layout:
             out: shape ``(d,)``, ``dtype``, overwritten and returned.
             weight_decay: per slot, added times the parameter where the tensor is not None.
         """
-        for i, (slot, t) in enumerate(zip(self.slots, tensors, strict=True)):
-            part = out[slot.offset : slot.offset + slot.size]
-            if t is None:
-                part.zero_()
-                continue
-            part.copy_(self._kept(self._local(t), slot))
-            wd = 0.0 if weight_decay is None else weight_decay[i]
-            if wd != 0.0:
-                part.add_(self._kept(self._local(slot.param.detach()), slot), alpha=wd)
-        return out
+        local = self._local
+        if local is not _identity:
+            tensors = [None if t is None else local(t) for t in tensors]
+        return self.flat.gather(tensors, out, alpha=weight_decay, addend=self._param_part)
+
+    def _param_part(self, index: int) -> torch.Tensor:
+        return self._local(self.slots[index].param.detach())
 
     def scatter(self, vec: torch.Tensor, index: int) -> torch.Tensor:
         """Return slot ``index``'s part of ``vec`` (shape ``(d,)``), shaped like its parameter.
@@ -101,14 +107,4 @@ class Layout:
         Masked-out coordinates are zero. A view of ``vec`` when the parameter has no mask, else a
         new tensor.
         """
-        slot = self.slots[index]
-        part = vec[slot.offset : slot.offset + slot.size]
-        if slot.kept is None:
-            return part.view(self._local(slot.param).shape)
-        full = torch.zeros(slot.param.numel(), dtype=vec.dtype, device=vec.device)
-        return full.index_copy_(0, slot.kept, part).view(slot.param.shape)
-
-    @staticmethod
-    def _kept(t: torch.Tensor, slot: _Slot) -> torch.Tensor:
-        flat = t.reshape(-1)
-        return flat if slot.kept is None else flat.index_select(0, slot.kept)
+        return self.flat.scatter(vec, index, self._shapes[index])

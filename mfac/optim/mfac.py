@@ -45,15 +45,17 @@ from mfac.fisher.compressed import check_density
 from mfac.fisher.sliding import SlidingInverseFisher, check_average_over
 from mfac.numerics import (
     NonFiniteGradientError,
-    check_bool_mask,
     check_damp,
+    check_nonnegative,
     check_not_meta,
     check_positive_int,
+    check_real,
 )
 from mfac.optim._checkpoint import check_optimizer_state
 from mfac.optim._docs import COMMON_DOC
 from mfac.optim._layout import Layout
 from mfac.optim._placement import LocalPlacement, NonFiniteElsewhere, Placement, check_compressed_storage
+from mfac.params import check_mask
 
 logger = logging.getLogger(__name__)
 
@@ -87,22 +89,6 @@ _PICKLED = (
 
 #: functions wrapped with torch.compiler.disable on first use.
 _EAGER: dict[str, Callable[..., Any]] = {}
-
-
-def _check_real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _check_nonnegative(value: Any, name: str) -> float:
-    value = _check_real(value, name)
-    if value < 0.0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
 
 
 def _finite(vec: torch.Tensor) -> bool:
@@ -210,7 +196,7 @@ class _MFACBase(Optimizer):
     # ------------------------------------------------------------------ param groups
     def _check_group(self, group: Mapping[str, Any]) -> None:
         """Validate the per-group hyper-parameters of ``group`` (defaults filled in)."""
-        _check_nonnegative(group["weight_decay"], "weight_decay")
+        check_nonnegative(group["weight_decay"], "weight_decay")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (see ``torch.optim.Optimizer.add_param_group``).
@@ -286,10 +272,7 @@ class _MFACBase(Optimizer):
                     f"{tuple(param.shape)} is not one of them (a copy, or another model's)"
                 )
             name = self._name(param)
-            check_bool_mask(mask, f"mask of {name}", param.shape)
-            if mask.device != param.device:
-                raise ValueError(f"mask of {name} must be on {param.device}, got {mask.device}")
-            checked[param] = mask.detach().clone()
+            checked[param] = check_mask(mask, f"mask of {name}", param)  # the one mask contract
         for param, kept in checked.items():  # nothing is set before every mask is checked
             self._masks[param] = kept
             self._pruned[param] = ~kept
@@ -783,8 +766,8 @@ class MFAC(_MFACBase):
         super()._check_group(group)
         if isinstance(group["lr"], torch.Tensor):
             raise TypeError("lr must be a float (tensor learning rates are not supported)")
-        _check_nonnegative(group["lr"], "lr")
-        momentum = _check_real(group["momentum"], "momentum")
+        check_nonnegative(group["lr"], "lr")
+        momentum = check_real(group["momentum"], "momentum")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mfac._reparam import is_reparametrized
+
 __all__ = ["BLOCK_PATHS", "LayerTarget", "find_blocks", "find_targets", "resolve_targets"]
 
 #: attribute paths of the repeated blocks in common layouts, tried in this order
@@ -67,7 +69,7 @@ def layer_kind(module: nn.Module) -> str | None:
 
 def _unsupported(module: nn.Module) -> str | None:
     """Why a recognised layer cannot be pruned layer-wise (None if it can)."""
-    if "weight_orig" in module._parameters:
+    if is_reparametrized(module, "weight"):
         return ("it is reparametrized by torch.nn.utils.prune (call torch.nn.utils.prune.remove first; "
                 "pass the masks back with apply_torch_prune afterwards)")
     if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from mfac.numerics import check_bool_mask
-from mfac.params import writable_parameter
+from mfac._reparam import is_reparametrized, user_leaf
+from mfac.params import check_masks, writable_parameter
 
 __all__ = [
     "apply_torch_prune",
@@ -45,14 +45,12 @@ def resolve_module(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     writable_parameter(model, name)  # validates the name
     path, _, leaf = name.rpartition(".")
     module = model.get_submodule(path) if path else model
-    if leaf.endswith("_orig") and f"{leaf[:-5]}_mask" in module._buffers:
-        leaf = leaf[:-5]
-    return module, leaf
+    return module, user_leaf(module, leaf)
 
 
 def is_torch_pruned(module: nn.Module, leaf: str) -> bool:
     """Whether ``module.<leaf>`` is reparametrized by ``torch.nn.utils.prune``."""
-    return f"{leaf}_orig" in module._parameters and f"{leaf}_mask" in module._buffers
+    return is_reparametrized(module, leaf)
 
 
 def torch_prune_parameters(model: nn.Module, names: Iterable[str]) -> list[tuple[nn.Module, str]]:
@@ -73,11 +71,7 @@ def apply_torch_prune(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> No
     A module without one gets ``weight_orig`` (the current values) and ``weight_mask``; a module that has one
     gets the product of its mask and ours (``prune.custom_from_mask`` composes them).
     """
-    checked = []
-    for name, mask in masks.items():  # every mask is checked before any module is reparametrized
-        module, leaf = resolve_module(model, name)
-        target = writable_parameter(model, name)
-        check_bool_mask(mask, f"mask of {name!r}", target.shape)
-        checked.append((module, leaf, mask.to(target.device)))
-    for module, leaf, mask in checked:
-        torch_prune.custom_from_mask(module, leaf, mask)
+    # every mask is checked before any module is reparametrized
+    checked = check_masks(masks, lambda name: writable_parameter(model, name), move=True)
+    for name, mask in checked.items():
+        torch_prune.custom_from_mask(*resolve_module(model, name), mask)

@@ -30,8 +30,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from mfac.numerics import check_bool_mask, check_not_meta
-from mfac.params import writable_parameter
+from mfac.params import check_masks, writable_parameter
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +82,8 @@ class MaskHandle:
 
     def update(self, masks: Mapping[str, torch.Tensor]) -> None:
         """Enforce ``masks`` from now on (replacing the current ones; names not given are released)."""
-        if not isinstance(masks, Mapping):
-            raise TypeError(f"masks must be a dict {{name: bool tensor}}, got {type(masks).__name__}")
-        checked = {}
-        for name, mask in masks.items():
-            param = writable_parameter(self._model, name)
-            check_bool_mask(mask, f"mask of {name!r}", param.shape)
-            check_not_meta(mask, f"mask of {name!r}")
-            checked[name] = (param, mask.detach().to(param.device).clone())
+        lookup = functools.partial(writable_parameter, self._model)
+        checked = {name: (lookup(name), mask) for name, mask in check_masks(masks, lookup, move=True).items()}
         for name in list(self._masks):
             if name not in checked:
                 self._tensor_hooks.pop(name).remove()

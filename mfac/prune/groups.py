@@ -28,7 +28,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from mfac.prune.masks import _check_sparsity, nm_groups, prune_count
+from mfac.numerics import check_fraction
+from mfac.prune.masks import _check_keep, nm_groups, prune_count
 
 __all__ = ["GROUP_SPECS", "group_labels", "select_groups"]
 
@@ -126,15 +127,15 @@ def select_groups(
         removed is the prefix sum of the ranked groups' kept sizes nearest to the target (ties: fewer).
     """
     names = list(scores)
-    keep = dict(keep or {})
+    keep = _check_keep(scores, keep)
     if isinstance(sparsity, Mapping):
         if set(sparsity) != set(names):
             raise ValueError(f"per-layer sparsity must cover exactly the scored parameters {names}")
         parts: Sequence[tuple[list[str], float]] = [
-            ([n], _check_sparsity(sparsity[n], f"sparsity[{n!r}]")) for n in names
+            ([n], check_fraction(sparsity[n], f"sparsity[{n!r}]")) for n in names
         ]
     else:
-        parts = [(names, _check_sparsity(sparsity))]
+        parts = [(names, check_fraction(sparsity, "sparsity"))]
     removed: dict[str, torch.Tensor] = {}
     for part, target in parts:
         kp = torch.cat([

@@ -45,7 +45,6 @@ for SparseGPT's sweep (OBC: ``O(r c^3)``), plus the forward passes of the blocks
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mfac.numerics import check_damp, check_positive_int
+from mfac.numerics import check_damp, check_fraction, check_positive_int
 from mfac.prune._layer_capture import BlockCall, HessianAccumulator, capture_block_inputs, run_model
 from mfac.prune._layer_solvers import (
     magnitude_mask,
@@ -101,15 +100,6 @@ class LayerReport:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def _check_sparsity(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not (0.0 <= value < 1.0) or math.isnan(value):
-        raise ValueError(f"{name} must lie in [0, 1), got {value}")
-    return value
-
-
 def _per_layer_sparsity(
     sparsity: float | Mapping[str, float] | None, pattern: tuple[int, int] | None, targets: list[LayerTarget]
 ) -> dict[str, float]:
@@ -134,8 +124,8 @@ def _per_layer_sparsity(
             raise ValueError(
                 f"sparsity dict must cover exactly the targets; missing {missing}, extra {extra}"
             )
-        return {n: _check_sparsity(v, f"sparsity[{n!r}]") for n, v in given.items()}
-    value = _check_sparsity(sparsity, "sparsity")
+        return {n: check_fraction(v, f"sparsity[{n!r}]", upper_open=True) for n, v in given.items()}
+    value = check_fraction(sparsity, "sparsity", upper_open=True)
     return {t.name: value for t in targets}
 
 

@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from mfac.numerics import check_bool_mask, check_fraction, check_not_meta
+
 __all__ = [
     "check_nm",
     "mask_sparsity",
@@ -59,35 +61,29 @@ def prune_count(numel: int, sparsity: float) -> int:
     return round(float(sparsity) * numel)
 
 
-def _check_sparsity(sparsity: float, name: str = "sparsity") -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1], got {type(sparsity).__name__} {sparsity!r}")
-    value = float(sparsity)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {sparsity}")
-    return value
-
-
 def _check_scores(scores: Tensors, keep: Tensors | None) -> dict[str, torch.Tensor]:
     if not isinstance(scores, Mapping) or not scores:
         raise TypeError("scores must be a non-empty dict {name: tensor shaped like the parameter}")
-    keep = dict(keep or {})
-    unknown = sorted(set(keep) - set(scores))
-    if unknown:
-        raise ValueError(f"keep masks given for parameters without scores: {unknown}")
     for name, s in scores.items():
         if not isinstance(s, torch.Tensor):
             raise TypeError(f"score of {name!r} must be a torch.Tensor, got {type(s).__name__}")
         if bool(torch.isnan(s).any()):
             raise ValueError(f"score of {name!r} has NaN entries")
-        k = keep.get(name)
-        if k is not None:
-            if not isinstance(k, torch.Tensor) or k.dtype != torch.bool:
-                raise TypeError(f"keep mask of {name!r} must be a bool tensor (True = kept)")
-            if k.shape != s.shape:
-                raise ValueError(
-                    f"keep mask of {name!r} has shape {tuple(k.shape)}, its score {tuple(s.shape)}"
-                )
+    return _check_keep(scores, keep)
+
+
+def _check_keep(scores: Tensors, keep: Tensors | None) -> dict[str, torch.Tensor]:
+    """Check the ``keep`` masks of a selector: the mask contract, each shaped like its score.
+
+    Returns ``dict(keep)`` (the caller's tensors; moved to the scores' devices where used).
+    """
+    keep = dict(keep or {})
+    unknown = sorted(set(keep) - set(scores))
+    if unknown:
+        raise ValueError(f"keep masks given for parameters without scores: {unknown}")
+    for name, k in keep.items():
+        check_bool_mask(k, f"keep mask of {name!r}", scores[name].shape)
+        check_not_meta(k, f"keep mask of {name!r}")
     return keep
 
 
@@ -124,7 +120,7 @@ def select_global(
         ``{name: bool mask}`` (True = kept), on the scores' devices. If ``keep`` already prunes more than the
         target, it is returned unchanged (nothing is un-pruned).
     """
-    sparsity = _check_sparsity(sparsity)
+    sparsity = check_fraction(sparsity, "sparsity")
     keep = _check_scores(scores, keep)
     names = list(scores)
     devices = {scores[n].device for n in names}
@@ -169,9 +165,9 @@ def select_per_layer(
                 f"per-layer sparsity must cover exactly the scored parameters; "
                 f"missing {missing}, extra {extra}"
             )
-        per = {n: _check_sparsity(sparsity[n], f"sparsity[{n!r}]") for n in scores}
+        per = {n: check_fraction(sparsity[n], f"sparsity[{n!r}]") for n in scores}
     else:
-        value = _check_sparsity(sparsity)
+        value = check_fraction(sparsity, "sparsity")
         per = dict.fromkeys(scores, value)
     out = {}
     for n, s in scores.items():

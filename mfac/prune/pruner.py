@@ -47,9 +47,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mfac.numerics import check_bool_mask, check_fraction, check_not_meta, check_positive_int
-from mfac.params import ParamSpace, default_prunable, prune_masks, writable_parameter
-from mfac.prune.bridge import is_torch_pruned, resolve_module
+from mfac._reparam import is_reparametrized, write_mask
+from mfac.numerics import check_fraction, check_not_meta, check_positive_int
+from mfac.params import ParamSpace, check_masks, default_prunable, prune_masks, writable_parameter
+from mfac.prune.bridge import resolve_module
 from mfac.prune.curvature import (
     Curvature,
     DiagonalFisherCurvature,
@@ -124,6 +125,7 @@ def _initial_keep(model: nn.Module, names: list[str], masks: Mapping[str, torch.
     unknown = sorted(set(masks) - set(names))
     if unknown:
         raise ValueError(f"masks given for parameters that are not pruned here: {unknown}; pruned: {names}")
+    masks = check_masks(masks, lambda n: writable_parameter(model, n), move=True)
     existing = prune_masks(model)
     keep: Masks = {}
     for n in names:
@@ -132,8 +134,7 @@ def _initial_keep(model: nn.Module, names: list[str], masks: Mapping[str, torch.
         if n in existing:
             k &= existing[n].to(p.device)
         if n in masks:
-            m = check_bool_mask(masks[n], f"mask of {n!r}", p.shape)
-            k &= m.to(p.device)
+            k &= masks[n]
         keep[n] = k
     return keep
 
@@ -307,11 +308,8 @@ def _sync_torch_prune(model: nn.Module, masks: Masks) -> None:
     """Write the new masks into ``weight_mask`` buffers of ``torch.nn.utils.prune`` modules."""
     for name, keep in masks.items():
         module, leaf = resolve_module(model, name)
-        if is_torch_pruned(module, leaf):
-            buffer = module._buffers[f"{leaf}_mask"]
-            buffer.copy_(keep.to(buffer.dtype))
-            orig = module._parameters[f"{leaf}_orig"]
-            setattr(module, leaf, orig * buffer)  # what its forward pre-hook computes
+        if is_reparametrized(module, leaf):
+            write_mask(module, leaf, keep)  # and module.<leaf>, as its forward pre-hook computes it
 
 
 # ---------------------------------------------------------------------------------------- core loop

@@ -31,24 +31,9 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
+from mfac.numerics import check_fraction, check_nonnegative_int
+
 __all__ = ["CubicSchedule", "PruningSchedule", "StepSchedule", "recompute_steps"]
-
-
-def _check_fraction(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {value}")
-    return value
-
-
-def _check_step(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
 
 
 class PruningSchedule:
@@ -101,17 +86,17 @@ class CubicSchedule(PruningSchedule):
         initial_sparsity: float = 0.0,
         frequency: int = 1,
     ) -> None:
-        self.final = _check_fraction(final_sparsity, "final_sparsity")
-        self.initial = _check_fraction(initial_sparsity, "initial_sparsity")
+        self.final = check_fraction(final_sparsity, "final_sparsity", upper_open=True)
+        self.initial = check_fraction(initial_sparsity, "initial_sparsity", upper_open=True)
         if self.initial > self.final:
             raise ValueError(
                 f"initial_sparsity {initial_sparsity} must be <= final_sparsity {final_sparsity}"
             )
-        self.begin = _check_step(begin_step, "begin_step")
-        self.end = _check_step(end_step, "end_step")
+        self.begin = check_nonnegative_int(begin_step, "begin_step")
+        self.end = check_nonnegative_int(end_step, "end_step")
         if self.end < self.begin:
             raise ValueError(f"end_step must be >= begin_step, got {end_step} < {begin_step}")
-        self.frequency = _check_step(frequency, "frequency")
+        self.frequency = check_nonnegative_int(frequency, "frequency")
         if self.frequency < 1:
             raise ValueError(f"frequency must be >= 1, got {frequency}")
         if (self.end - self.begin) % self.frequency:
@@ -167,7 +152,8 @@ class StepSchedule(PruningSchedule):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise TypeError(f"steps[{i}] must be a (step, sparsity) pair, got {pair!r}")
             t, s = pair
-            pairs.append((_check_step(t, f"steps[{i}] step"), _check_fraction(s, f"steps[{i}] sparsity")))
+            step = check_nonnegative_int(t, f"steps[{i}] step")
+            pairs.append((step, check_fraction(s, f"steps[{i}] sparsity", upper_open=True)))
         if not pairs:
             raise ValueError("StepSchedule needs at least one (step, sparsity) pair")
         for (t0, s0), (t1, s1) in itertools.pairwise(pairs):
