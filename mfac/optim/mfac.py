@@ -42,6 +42,7 @@ import torch
 from torch.optim import Optimizer
 
 from mfac.fisher.compressed import CompressedSlidingInverseFisher, check_density
+from mfac.fisher.lowp import LOW_PRECISION_WINDOW_DTYPES, LowPrecisionSlidingInverseFisher
 from mfac.fisher.sliding import SlidingInverseFisher
 from mfac.numerics import (
     NonFiniteGradientError,
@@ -81,6 +82,7 @@ _PICKLED = (
     "_pruned",
     "_distributed",
     "_density",
+    "_window_storage",
 )
 
 
@@ -132,6 +134,7 @@ class _MFACBase(Optimizer):
         distributed: Any = None,
         check_finite: bool = True,
         density: float | None = None,
+        window_dtype: torch.dtype | None = None,
     ) -> None:
         check_positive_int(defaults["ngrads"], "ngrads")
         defaults["damp"] = check_damp(defaults["damp"])
@@ -165,6 +168,23 @@ class _MFACBase(Optimizer):
                 f"density={density} (a compressed window) cannot be combined with distributed: "
                 "the compressed window is not sharded; use density=None with distributed"
             )
+        if window_dtype is not None and not isinstance(window_dtype, torch.dtype):
+            raise TypeError(
+                f"window_dtype must be a torch.dtype or None, got {type(window_dtype).__name__} "
+                f"{window_dtype!r}"
+            )
+        if window_dtype is not None and window_dtype not in LOW_PRECISION_WINDOW_DTYPES:
+            raise ValueError(
+                f"window_dtype (the storage dtype of the window) must be None or one of "
+                f"{LOW_PRECISION_WINDOW_DTYPES}, got {window_dtype!r}"
+            )
+        if window_dtype is not None and distributed is not None:
+            raise ValueError(
+                f"window_dtype={window_dtype} cannot be combined with distributed: the sharded window "
+                "is stored in its compute dtype; use window_dtype=None with distributed"
+            )
+        #: storage dtype of the window when it is not the compute dtype (None: the compute dtype).
+        self._window_storage = window_dtype
         #: leave the m x d window out of :meth:`state_dict` (see the class docstring).
         self.save_window = bool(save_window)
         #: skip steps whose gradient is not finite instead of raising (see the class docstring).
@@ -347,6 +367,12 @@ class _MFACBase(Optimizer):
             return CompressedSlidingInverseFisher(
                 layout.dim, ngrads, damp, density=self._density, dtype=layout.dtype,
                 device=layout.device, average_over=self._average_over,
+                values_dtype=self._window_storage,
+            )
+        if self._window_storage is not None:
+            return LowPrecisionSlidingInverseFisher(
+                layout.dim, ngrads, damp, window_dtype=self._window_storage, dtype=layout.dtype,
+                device=layout.device, average_over=self._average_over,
             )
         return SlidingInverseFisher(
             layout.dim,
@@ -393,7 +419,8 @@ class _MFACBase(Optimizer):
                 ])
                 state = fisher.remap_state(state, moved, new.dim, fisher.row_size)
             else:
-                grads = allocate((ngrads, new.dim), layout.dtype, layout.device, "grown gradient window")
+                grads = allocate((ngrads, new.dim), state["grads"].dtype, layout.device,
+                                 "grown gradient window")
                 for slot in layout.slots:
                     target = position[id(slot.param)]
                     grads[:, target.offset : target.offset + target.size] = state["grads"][
@@ -527,6 +554,7 @@ class _MFACBase(Optimizer):
             "active": None if layout is None else [position[id(p)] for p in layout.params],
             "window_dtype": None if layout is None else layout.dtype,
             "density": self._density,
+            "window_storage": self._window_storage,
             "fisher": fisher.state_dict() if fisher is not None and self.save_window else None,
         }
 
@@ -610,6 +638,12 @@ class _MFACBase(Optimizer):
             raise ValueError(
                 f"the checkpoint was saved with density={glob.get('density')!r}, this optimizer "
                 f"has density={self._density!r}; build the optimizer with the saved density"
+            )
+        if glob.get("window_storage") != self._window_storage:
+            raise ValueError(
+                f"the checkpoint was saved with window_dtype={glob.get('window_storage')!r}, this "
+                f"optimizer has window_dtype={self._window_storage!r}; build the optimizer with the "
+                "saved window_dtype"
             )
         counters = int(glob["num_steps"]), int(glob["num_skipped"])
         if glob["active"] is None:
@@ -699,6 +733,17 @@ _COMMON_DOC = r"""
             part ``g'``. Memory ``m k 8 + d 4`` bytes instead of ``m d 4`` (density 0.01, m = 256:
             1/42), cost O(m k + d) per step. ``1.0`` is the dense window (the same code path).
             Global; not with ``distributed``. The checkpoint carries ``e`` and the sparse rows.
+        window_dtype: None (default: the window is stored in ``dtype``) or ``torch.bfloat16``: the
+            ``m x d`` window stored in bfloat16 (:class:`mfac.fisher.lowp.LowPrecisionSlidingInverseFisher`),
+            half the memory (``m d 2`` bytes), while the products over it still accumulate in ``dtype``
+            (float32 partial sums, float64 totals) and the ``m x m`` work stays float64. Each gradient
+            is rounded to bfloat16 once as it enters the window; the step is then the exact M-FAC step
+            of the rounded gradients (measured: relative difference to the float32 window ~1e-3..1e-2,
+            the same training result on digits; ``experiments/bench_lowp.py``). Use it when the float32
+            window does not fit, or to double ``ngrads`` in the same memory; on CPU it is not faster
+            (the conversion costs what the halved bytes save). With ``density`` it stores the
+            compressed values in bfloat16. Not with ``distributed``. Checkpoints hold the bfloat16
+            window and load only into an optimizer with the same ``window_dtype``.
 
     Parameters and gradients:
         * The window's coordinate set is the parameters that have a gradient at the first step,
@@ -759,6 +804,7 @@ class MFACPreconditioner(_MFACBase):
         distributed: Any = None,
         check_finite: bool = True,
         density: float | None = None,
+        window_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = {"ngrads": ngrads, "damp": damp, "weight_decay": weight_decay}
         super().__init__(
@@ -772,6 +818,7 @@ class MFACPreconditioner(_MFACBase):
             distributed=distributed,
             check_finite=check_finite,
             density=density,
+            window_dtype=window_dtype,
         )
 
     def _apply(self, directions: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
@@ -858,6 +905,7 @@ class MFAC(_MFACBase):
         distributed: Any = None,
         check_finite: bool = True,
         density: float | None = None,
+        window_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -877,6 +925,7 @@ class MFAC(_MFACBase):
             distributed=distributed,
             check_finite=check_finite,
             density=density,
+            window_dtype=window_dtype,
         )
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
