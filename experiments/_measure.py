@@ -64,18 +64,25 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: in
     Interleaving makes load from other processes hit every function alike, so ratios between them stay
     meaningful on a busy machine. ``warmup_fns`` (if given) replaces the functions for the warm-up (e.g. a
     smaller size of the same code path when the real one takes tens of seconds). Returns
-    ``{name: {"median", "min", "times"}}`` in seconds.
+    ``{name: {"median", "min", "times", "cpu_median", "cpu_times"}}`` in seconds: wall time, and the
+    CPU time of this process over the same calls (``time.process_time``: all its threads, not the time
+    it waited for a core; on a machine with more runnable processes than cores the wall time includes
+    that wait, the CPU time does not).
     """
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             (warmup_fns or fns)[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(repeats):
         k = rep % len(names)
         for name in names[k:] + names[:k]:
+            start_cpu = time.process_time()
             times[name].append(elapsed(fns[name]))
-    return {name: {"median": statistics.median(ts), "min": min(ts), "times": ts}
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: {"median": statistics.median(ts), "min": min(ts), "times": ts,
+                   "cpu_median": statistics.median(cpu[name]), "cpu_times": cpu[name]}
             for name, ts in times.items()}
 
 

@@ -91,6 +91,7 @@ def side_by_side(m: int, d: int, args: argparse.Namespace, paper: Any, ista: Any
                 row[f"{name}_s"] = t[name]["median"]
                 row[f"{name}_ratio"] = t[name]["median"] / floor
                 row[f"{name}_ratio_min"] = t[name]["min"] / t["floor"]["min"]
+                row[f"{name}_ratio_cpu"] = t[name]["cpu_median"] / t["floor"]["cpu_median"]
         row["floor_s"] = floor
         # one aligned step of each on the same window, then the float64 truth for that window
         r = op.next_row
@@ -175,21 +176,24 @@ def render(res: dict) -> str:
         "",
         "## Side by side: step / floor (floor = `G g + G^T c` on the same buffer) and float32 error",
         "",
-        md_head(["m", "d", "mfac", "paper", "ista", "mfac (min/min)", "mfac err", "paper err",
-                 "ista err", "floor"]),
+        md_head(["m", "d", "mfac", "paper", "ista", "mfac (cpu)", "paper (cpu)", "ista (cpu)",
+                 "mfac (min/min)", "mfac err", "paper err", "ista err", "floor"]),
     ]
     for r in res["side_by_side"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['m']} | {fmt_d(r['d'])} | {r['status']} |" + " |" * 7)
+            lines.append(f"| {r['m']} | {fmt_d(r['d'])} | {r['status']} |" + " |" * 10)
             continue
         lines.append(md_row([
             r["m"], fmt_d(r["d"]), fmt_x(r.get("mfac_ratio")), fmt_x(r.get("paper_ratio")),
-            fmt_x(r.get("ista_ratio")), fmt_x(r.get("mfac_ratio_min")), fmt_e(r.get("mfac_err")),
+            fmt_x(r.get("ista_ratio")), fmt_x(r.get("mfac_ratio_cpu")), fmt_x(r.get("paper_ratio_cpu")),
+            fmt_x(r.get("ista_ratio_cpu")), fmt_x(r.get("mfac_ratio_min")), fmt_e(r.get("mfac_err")),
             fmt_e(r.get("paper_err")), fmt_e(r.get("ista_err")), f"{r['floor_s'] * 1e3:.1f} ms",
         ]))
     lines += ["", "err: max-norm relative error of the step against the float64 truth on the same "
-              "float32 window ('-': above --max-gflop). min/min: fastest step over fastest floor "
-              "(less sensitive to other processes than the medians).", ""]
+              "float32 window ('-': above --max-gflop). mfac / paper / ista: median wall time over the "
+              "floor's. (cpu): the same with this process's CPU time (`time.process_time`), which leaves "
+              "out the time spent waiting for a core when other processes load the machine (memory "
+              "contention stays in). min/min: fastest step over fastest floor.", ""]
     if res.get("scale"):
         lines += ["## Scale: `MFAC.step` against Adam (foreach) and one forward + backward", "",
                   md_head(["model", "d", "m", "MFAC.step", "Adam.step", "fwd+bwd", "MFAC/Adam",

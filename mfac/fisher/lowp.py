@@ -48,8 +48,9 @@ __all__ = ["LOW_PRECISION_WINDOW_DTYPES", "LowPrecisionSlidingInverseFisher", "c
 #: storage dtypes a low-precision window supports (float16's range, 6e-5..65504, is too narrow for
 #: raw gradients: it would under- and overflow silently).
 LOW_PRECISION_WINDOW_DTYPES = (torch.bfloat16,)
-#: default bytes of the conversion buffer (``n x w`` in ``dtype``): small enough for a core's L2 cache.
-DEFAULT_TILE_BYTES = 1 << 20
+#: default bytes of the conversion buffer (``m x w`` in ``dtype``); measured (m = 256, d = 1e6, CPU):
+#: 8 MiB ran 10-20 % faster than 1 MiB, 256 KiB 30 % slower. ``w`` is capped at ``chunk`` (partial sums).
+DEFAULT_TILE_BYTES = 1 << 23
 #: fewest columns per tile (narrower tiles make the strided conversion of the window row-runs too short).
 _MIN_TILE_COLS = 256
 
