@@ -20,14 +20,14 @@ positive, or a residual ``|M c - e_r|`` above tolerance), and while the window f
 
 One step, as executed (``update_mul``): write ``g`` into ring row ``r`` (keeping the row it replaces in a
 ``(d,)`` buffer), one pass ``G g`` in 32768-column float32 slabs summed in float64 (``|g|^2`` at ``r``),
-the new ``P`` built in a spare ``m x m`` buffer (one rank-two ``addmm``, or a Cholesky while filling and
-every ``m`` steps), the refined ``c`` and, all on the device, the numbers whose signs are the step's
-checks: ``|g|^2`` finite, the rank-two update stable, and no cancellation in the coming float32
-``G^T c`` (from ``|G^T c|^2 = c^T G G^T c``, before the pass). They are read in one host
-synchronisation; only then is the step installed (or undone: a non-finite gradient leaves the window as
-it was) and the second pass ``G^T c`` run. ``update_mul(g, check_finite=False)`` reads nothing: the
-numerical checks are copied to the host asynchronously and acted on at the next step. ``set_damp``
-changes ``damp`` by refactoring ``P`` from the Gram matrix (O(m^3)); the window is kept.
+the new ``P`` staged (a rank-two update, applied to ``P`` in place when the step is installed; a Cholesky
+into a spare ``m x m`` buffer while filling and every ``m`` steps), the refined ``c`` and, all on the
+device, the numbers whose signs are the step's checks: ``|g|^2`` finite, the rank-two update stable, and
+no cancellation in the coming float32 ``G^T c`` (from ``|G^T c|^2 = c^T G G^T c``, before the pass). They
+are read in one host synchronisation; only then is the step installed (or undone: a non-finite gradient
+leaves the window as it was) and the second pass ``G^T c`` run. ``update_mul(g, check_finite=False)``
+reads nothing: the numerical checks are copied to the host asynchronously and acted on at the next step.
+``set_damp`` changes ``damp`` by refactoring ``P`` from the Gram matrix (O(m^3)); the window is kept.
 
 Open choice, made explicit: while the window fills (``n < m`` gradients seen), ``average_over="seen"``
 (default) uses ``s = n``: the Fisher is the average of the gradients it holds, so the first step is the
@@ -129,7 +129,7 @@ class SlidingInverseFisher(InverseFisher):
     size asked for.
 
     Cost per ``update_mul``: two passes over the window (``G g`` and ``G^T c``, O(md)) plus O(m^2)
-    float64 work (about five passes over ``m x m`` data, ~90 small tensor operations); O(m^3) once
+    float64 work (four passes over ``m x m`` data, ~90 small tensor operations); O(m^3) once
     every ``m`` steps (and every step while filling with ``"seen"``). One host synchronisation per step
     (none with ``check_finite=False``).
     """
@@ -373,7 +373,8 @@ class SlidingInverseFisher(InverseFisher):
         buffer: one copy, what :meth:`_unstage` restores), the Gram column ``G g`` is one pass over the
         new window (``|g|^2`` at ``r``, computed by the same kernel as the other entries: a window of
         identical gradients gets an exactly rank-one float Gram matrix), the Gram column is written (its
-        old values saved) and the new ``P`` is built in the spare buffer. The checks are numbers on the
+        old values saved) and the new ``P`` is staged (the rank-two update, applied at :meth:`_commit`;
+        a refactor is built in the spare buffer). The checks are numbers on the
         device (see :func:`_verdicts`), stacked into one tensor for one read.
         """
         self._apply_deferred()

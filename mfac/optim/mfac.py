@@ -738,10 +738,11 @@ _COMMON_DOC = r"""
             half the memory (``m d 2`` bytes), while the products over it still accumulate in ``dtype``
             (float32 partial sums, float64 totals) and the ``m x m`` work stays float64. Each gradient
             is rounded to bfloat16 once as it enters the window; the step is then the exact M-FAC step
-            of the rounded gradients (measured: relative difference to the float32 window ~1e-3..1e-2,
-            the same training result on digits; ``experiments/bench_lowp.py``). Use it when the float32
-            window does not fit, or to double ``ngrads`` in the same memory; on CPU it is not faster
-            (the conversion costs what the halved bytes save). With ``density`` it stores the
+            of the rounded gradients (measured: relative difference to the float32 window 3e-3, the
+            same training result on digits; ``experiments/bench_lowp.py``). Use it when the float32
+            window does not fit, or to double ``ngrads`` in the same memory; not for speed on CPU, where
+            the conversion made a step 3-4.5x the float32 floor (a GPU kernel that reads bfloat16 and
+            accumulates in float32 would make it faster than float32). With ``density`` it stores the
             compressed values in bfloat16. Not with ``distributed``. Checkpoints hold the bfloat16
             window and load only into an optimizer with the same ``window_dtype``.
 
