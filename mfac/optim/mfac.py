@@ -741,8 +741,9 @@ _COMMON_DOC = r"""
             of the rounded gradients (measured: relative difference to the float32 window 3e-3, the
             same training result on digits; ``experiments/bench_lowp.py``). Use it when the float32
             window does not fit, or to double ``ngrads`` in the same memory; not for speed on CPU, where
-            the conversion made a step 3-4.5x the float32 floor (a GPU kernel that reads bfloat16 and
-            accumulates in float32 would make it faster than float32). With ``density`` it stores the
+            the conversion made a step 3-4.5x the float32 floor (torch's own bfloat16 products, which
+            round to 8 bits, ran at 0.5-0.75x: a kernel that reads bfloat16 and accumulates in float32
+            is what would make it faster; not measured here). With ``density`` it stores the
             compressed values in bfloat16. Not with ``distributed``. Checkpoints hold the bfloat16
             window and load only into an optimizer with the same ``window_dtype``.
 
