@@ -786,9 +786,17 @@ class SlidingInverseFisher(InverseFisher):
         return next(iter(self._rows_state()))
 
     def _state_row_norms(self, state: Mapping[str, Any], n: int) -> torch.Tensor:
-        """Squared norms (float64, ``(n,)``) of the first ``n`` rows stored in a checked ``state``."""
-        window = state["grads"][:n].to(device=self._device)
-        return torch.linalg.vector_norm(window, dim=1, dtype=SMALL_DTYPE).square_()
+        """Squared norms (float64, ``(n,)``) of the first ``n`` rows stored in a checked ``state``.
+
+        Column slab by slab: ``vector_norm(..., dtype=float64)`` converts its whole input first (measured:
+        a 1 GB float32 window took 2 GB more), so one call over the window would need ``n d 8`` bytes.
+        """
+        window = state["grads"][:n]
+        total = torch.zeros(n, dtype=SMALL_DTYPE, device=self._device)
+        for start in range(0, window.shape[1], self._chunk):
+            part = window[:, start : start + self._chunk].to(device=self._device)
+            total += torch.linalg.vector_norm(part, dim=1, dtype=SMALL_DTYPE).square_()
+        return total
 
     def _check_gram_diagonal(self, state: Mapping[str, Any], sq: torch.Tensor) -> None:
         """Check the Gram diagonal against the window's squared row norms ``sq`` (relative ``1e-2``)."""
