@@ -88,7 +88,11 @@ def time_interleaved(
     same code path when the real one takes tens of seconds). ``setup[name]`` (if given) runs untimed
     before every call of ``name``, warm-up included (e.g. writing a fresh gradient into ``.grad``).
 
-    Returns ``{name: {"median", "min", "times"}}`` in seconds (``times`` in call order).
+    Returns ``{name: {"median", "min", "times", "cpu_median", "cpu_times"}}`` in seconds (``times`` in
+    call order): wall time, and the CPU time of this process over the same calls (``time.process_time``:
+    all its threads, not the time it waited for a core; on a machine with more runnable processes than
+    cores the wall time includes that wait, the CPU time does not). With a fake ``clock`` the CPU times
+    are still real.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
@@ -107,13 +111,17 @@ def time_interleaved(
         for name in names:
             call(warmup_fns or fns, name)
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(repeats):
         k = rep % len(names)
         for name in names[k:] + names[:k]:
             if name in setup:
                 setup[name]()
+            start_cpu = time.process_time()
             times[name].append(elapsed(fns[name], clock))
-    return {name: {"median": statistics.median(ts), "min": min(ts), "times": ts}
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: {"median": statistics.median(ts), "min": min(ts), "times": ts,
+                   "cpu_median": statistics.median(cpu[name]), "cpu_times": cpu[name]}
             for name, ts in times.items()}
 
 

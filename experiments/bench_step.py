@@ -91,6 +91,7 @@ def side_by_side(m: int, d: int, args: argparse.Namespace, paper: Any, ista: Any
                 row[f"{name}_s"] = t[name]["median"]
                 row[f"{name}_ratio"] = t[name]["median"] / floor
                 row[f"{name}_ratio_min"] = t[name]["min"] / t["floor"]["min"]
+                row[f"{name}_ratio_cpu"] = t[name]["cpu_median"] / t["floor"]["cpu_median"]
         row["floor_s"] = floor
         # one aligned step of each on the same window, then the float64 truth for that window
         r = op.next_row
@@ -109,16 +110,27 @@ def side_by_side(m: int, d: int, args: argparse.Namespace, paper: Any, ista: Any
     return row
 
 
-def _steady_mfac(params: list[nn.Parameter], m: int, damp: float) -> MFAC:
+def _gram32(window: torch.Tensor, chunk: int = 1 << 15) -> torch.Tensor:
+    """``G G^T`` from float32 products of ``chunk``-column slabs (any window dtype), summed in float64."""
+    gram = torch.zeros(window.shape[0], window.shape[0], dtype=torch.float64)
+    for start in range(0, window.shape[1], chunk):
+        part = window[:, start:start + chunk].float()
+        gram += (part @ part.T).double()
+    return gram
+
+
+def _steady_mfac(params: list[nn.Parameter], m: int, damp: float,
+                 window_dtype: torch.dtype | None = None) -> MFAC:
     """An ``MFAC`` whose window is full (random rows, installed through the operator's state dict)."""
-    opt = MFAC(params, lr=1e-4, ngrads=m, damp=damp)
+    opt = MFAC(params, lr=1e-4, ngrads=m, damp=damp, window_dtype=window_dtype)
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt.step()
     fisher = opt.inverse_fisher
     window = fisher.state_dict()["grads"]
     GradientGenerator(fisher.dim, seed=1).fill(window, seed=2)
-    _load_steady_state(fisher, accumulated_matmul(window, window.T))
+    gram = accumulated_matmul(window, window.T) if window.dtype == torch.float32 else _gram32(window)
+    _load_steady_state(fisher, gram)
     return opt
 
 
@@ -143,17 +155,32 @@ def scale(args: argparse.Namespace) -> list[dict]:
         adam = torch.optim.Adam(params, lr=1e-4, foreach=True)
         base = {"fwd_bwd": fwd_bwd, "adam": adam.step}
         for m in args.scale_m:
-            row: dict[str, Any] = {"model": label, "d": d, "m": m}
-            need = m * d * 4
+            row: dict[str, Any] = {"model": label, "d": d, "m": m, "window": "float32"}
+            need, window_dtype = m * d * 4, None
+            if need > args.mem_gb * GIB and args.scale_bf16:  # the bfloat16 window: half the bytes
+                need, window_dtype, row["window"] = m * d * 2, torch.bfloat16, "bfloat16"
             if need > args.mem_gb * GIB:
-                row["status"] = (f"does not fit: window {need / GIB:.1f} GiB > --mem-gb "
-                                 f"{args.mem_gb:g}")
+                row["status"] = (f"does not fit: window {need / GIB:.1f} GiB ({row['window']}) > "
+                                 f"--mem-gb {args.mem_gb:g}")
                 rows.append(row)
                 continue
-            opt = _steady_mfac(params, m, args.damp)
+            opt = _steady_mfac(params, m, args.damp, window_dtype)
             fwd_bwd()
-            t = time_interleaved({**base, "mfac": opt.step}, args.repeats, args.warmup)
+            # a fresh gradient per timed step: the same one repeated fills the window with copies, whose
+            # float32 combination cancels and takes the float64 redo (about three passes more)
+            pool = [[torch.randn_like(p) * 1e-3 for p in params]
+                    for _ in range(args.repeats + args.warmup)]
+            calls = [0]
+
+            def mfac_step(opt=opt, pool=pool, calls=calls, params=params) -> None:
+                for p, g in zip(params, pool[calls[0] % len(pool)], strict=True):
+                    p.grad = g
+                calls[0] += 1
+                opt.step()
+
+            t = time_interleaved({**base, "mfac": mfac_step}, args.repeats, args.warmup)
             row.update({f"{k}_s": v["median"] for k, v in t.items()})
+            row.update({f"{k}_cpu_s": v["cpu_median"] for k, v in t.items()})
             row["vs_adam"] = row["mfac_s"] / row["adam_s"]
             row["vs_fwd_bwd"] = row["mfac_s"] / row["fwd_bwd_s"]
             row["status"] = "ok"
@@ -175,32 +202,38 @@ def render(res: dict) -> str:
         "",
         "## Side by side: step / floor (floor = `G g + G^T c` on the same buffer) and float32 error",
         "",
-        md_head(["m", "d", "mfac", "paper", "ista", "mfac (min/min)", "mfac err", "paper err",
-                 "ista err", "floor"]),
+        md_head(["m", "d", "mfac", "paper", "ista", "mfac (cpu)", "paper (cpu)", "ista (cpu)",
+                 "mfac (min/min)", "mfac err", "paper err", "ista err", "floor"]),
     ]
     for r in res["side_by_side"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['m']} | {fmt_d(r['d'])} | {r['status']} |" + " |" * 7)
+            lines.append(f"| {r['m']} | {fmt_d(r['d'])} | {r['status']} |" + " |" * 10)
             continue
         lines.append(md_row([
             r["m"], fmt_d(r["d"]), fmt_x(r.get("mfac_ratio")), fmt_x(r.get("paper_ratio")),
-            fmt_x(r.get("ista_ratio")), fmt_x(r.get("mfac_ratio_min")), fmt_e(r.get("mfac_err")),
+            fmt_x(r.get("ista_ratio")), fmt_x(r.get("mfac_ratio_cpu")), fmt_x(r.get("paper_ratio_cpu")),
+            fmt_x(r.get("ista_ratio_cpu")), fmt_x(r.get("mfac_ratio_min")), fmt_e(r.get("mfac_err")),
             fmt_e(r.get("paper_err")), fmt_e(r.get("ista_err")), f"{r['floor_s'] * 1e3:.1f} ms",
         ]))
     lines += ["", "err: max-norm relative error of the step against the float64 truth on the same "
-              "float32 window ('-': above --max-gflop). min/min: fastest step over fastest floor "
-              "(less sensitive to other processes than the medians).", ""]
+              "float32 window ('-': above --max-gflop). mfac / paper / ista: median wall time over the "
+              "floor's. (cpu): the same with this process's CPU time (`time.process_time`), which leaves "
+              "out the time spent waiting for a core when other processes load the machine (memory "
+              "contention stays in). min/min: fastest step over fastest floor.", ""]
     if res.get("scale"):
         lines += ["## Scale: `MFAC.step` against Adam (foreach) and one forward + backward", "",
-                  md_head(["model", "d", "m", "MFAC.step", "Adam.step", "fwd+bwd", "MFAC/Adam",
-                           "MFAC/(fwd+bwd)"])]
+                  md_head(["model", "d", "m", "window", "MFAC.step", "Adam.step", "fwd+bwd", "MFAC/Adam",
+                           "MFAC/(fwd+bwd)", "MFAC/(fwd+bwd) (cpu)"])]
         for r in res["scale"]:
+            window = r.get("window", "float32")
             if r["status"] != "ok":
-                lines.append(f"| {r['model']} | {fmt_d(r['d'])} | {r['m']} | {r['status']} |" + " |" * 4)
+                lines.append(f"| {r['model']} | {fmt_d(r['d'])} | {r['m']} | {window} | {r['status']} |"
+                             + " |" * 5)
                 continue
-            lines.append(md_row([r["model"], fmt_d(r["d"]), r["m"], f"{r['mfac_s'] * 1e3:.1f} ms",
+            cpu = r["mfac_cpu_s"] / r["fwd_bwd_cpu_s"] if "mfac_cpu_s" in r else None
+            lines.append(md_row([r["model"], fmt_d(r["d"]), r["m"], window, f"{r['mfac_s'] * 1e3:.1f} ms",
                                  f"{r['adam_s'] * 1e3:.1f} ms", f"{r['fwd_bwd_s'] * 1e3:.1f} ms",
-                                 fmt_x(r["vs_adam"], 1), fmt_x(r["vs_fwd_bwd"], 2)]))
+                                 fmt_x(r["vs_adam"], 1), fmt_x(r["vs_fwd_bwd"], 2), fmt_x(cpu, 2)]))
         lines.append("")
     return "\n".join(lines)
 
@@ -220,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IST-DASLab/M-FAC's optim.py (see experiments/_peer_code.py)")
     p.add_argument("--scale-m", type=int, nargs="*", default=[64, 256, 1024],
                    help="window sizes of the scale table (none: skip it)")
+    p.add_argument("--no-scale-bf16", dest="scale_bf16", action="store_false",
+                   help="scale table: skip sizes whose float32 window does not fit (default: run them "
+                        "with the bfloat16 window when that fits)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
     p.add_argument("--out", type=Path, default=Path("results/bench_step"))
     return p

@@ -195,41 +195,46 @@ def run_big(args, data: CharData, val, record: dict) -> None:
         cache=cache, loss_fn=loss_fn, data=calib, ngrads=m, damp=args.damp, block_size=block,
         relative_damp=True,
     )
-    space = ParamSpace.from_module(model, names)
-    rss_before = current_rss()
-    reset_ok = reset_peak()
-    entry = cache[(d, m)] = curv.build_dense(model, space)
-    peak = peak_rss(reset_ok)
-    big.update(
-        collect_s=entry["collect_s"], build_s=entry["build_s"], rss_before=rss_before, peak_rss=peak,
-        stats_bytes=entry["finv"].inverse_blocks.numel() * 4, g_bytes=m * d * 4,
-        chunk_bytes=curv._chunk_rows() * d * 4, peak_reset=reset_ok,
-    )
-    print(
-        f"  dense step: collect {entry['collect_s']:.1f} s, build {entry['build_s']:.1f} s; peak RSS "
-        f"{format_bytes(peak)} vs m*d*4 = {format_bytes(m * d * 4)} ({peak / (m * d * 4):.3f}x)"
-    )
-    for s in args.sparsities:
-        pruned = copy.deepcopy(model)
-        keep = mfac.prune.magnitude_prune(pruned, s, params=names)
-        big["runs"].append({"method": "magnitude", "sparsity": s, "loss": evaluate(pruned, val)})
-        del keep, pruned
-        pruned = copy.deepcopy(model)
-        full = ParamSpace.from_module(pruned, names)
-        keep = {n: torch.ones_like(p, dtype=torch.bool) for n, p in full.named_params()}
-        t0 = time.perf_counter()
-        from mfac.prune.pruner import _selectors
-
-        prune_with(pruned, curv, _selectors(keep, s, 1, None, "global"), names, keep, "joint")
-        select_s = time.perf_counter() - t0
-        big["runs"].append(
-            {"method": "M-FAC block (stream)", "sparsity": s, "recompute": 1, "loss": evaluate(pruned, val),
-             "select_update_s": select_s}
+    if "mfac" in args.methods:
+        space = ParamSpace.from_module(model, names)
+        rss_before = current_rss()
+        reset_ok = reset_peak()
+        entry = cache[(d, m)] = curv.build_dense(model, space)
+        peak = peak_rss(reset_ok)
+        big.update(
+            collect_s=entry["collect_s"], build_s=entry["build_s"], rss_before=rss_before, peak_rss=peak,
+            stats_bytes=entry["finv"].inverse_blocks.numel() * 4, g_bytes=m * d * 4,
+            chunk_bytes=curv._chunk_rows() * d * 4, peak_reset=reset_ok,
         )
-        print(f"  s={s}: magnitude {big['runs'][-2]['loss']:.4f}, M-FAC {big['runs'][-1]['loss']:.4f}"
-              f" (selection + joint update {select_s:.1f} s)")
-        del pruned
-        big["runs"].append(run_layerwise(model, names, calib, s, val))
+        print(
+            f"  dense step: collect {entry['collect_s']:.1f} s, build {entry['build_s']:.1f} s; peak RSS "
+            f"{format_bytes(peak)} vs m*d*4 = {format_bytes(m * d * 4)} ({peak / (m * d * 4):.3f}x)"
+        )
+    for s in args.sparsities:
+        if "magnitude" in args.methods:
+            pruned = copy.deepcopy(model)
+            mfac.prune.magnitude_prune(pruned, s, params=names)
+            big["runs"].append({"method": "magnitude", "sparsity": s, "loss": evaluate(pruned, val)})
+            print(f"  s={s}: magnitude {big['runs'][-1]['loss']:.4f}")
+            del pruned
+        if "mfac" in args.methods:
+            pruned = copy.deepcopy(model)
+            full = ParamSpace.from_module(pruned, names)
+            keep = {n: torch.ones_like(p, dtype=torch.bool) for n, p in full.named_params()}
+            t0 = time.perf_counter()
+            from mfac.prune.pruner import _selectors
+
+            prune_with(pruned, curv, _selectors(keep, s, 1, None, "global"), names, keep, "joint")
+            select_s = time.perf_counter() - t0
+            big["runs"].append(
+                {"method": "M-FAC block (stream)", "sparsity": s, "recompute": 1,
+                 "loss": evaluate(pruned, val), "select_update_s": select_s}
+            )
+            print(f"  s={s}: M-FAC {big['runs'][-1]['loss']:.4f} (selection + joint update {select_s:.1f} s)")
+            del pruned
+        if "sparsegpt" in args.methods:
+            big["runs"].append(run_layerwise(model, names, calib, s, val))
+            print(f"  s={s}: SparseGPT {big['runs'][-1]['loss']:.4f} ({big['runs'][-1]['total_s']:.1f} s)")
     for k in args.recompute:
         if k == 1:
             continue
@@ -314,6 +319,15 @@ def big_report(record: dict) -> list[str]:
         f"Model: {big['params'] / 1e6:.1f}M parameters, d = {big['d'] / 1e6:.2f}M pruned (decoder Linear "
         f"weights), m = {big['ngrads']}, B = {big['block']}; dense validation loss (perplexity) "
         f"{ppl(big['dense_loss'])}.",
+    ]
+    if "peak_rss" in big:  # the dense-model step ran (the "mfac" method)
+        lines += memory_report(big)
+    lines += one_shot_report(record)
+    return lines
+
+
+def memory_report(big: dict) -> list[str]:
+    lines = [
         "",
         md_head(["memory / time", "value"]),
         md_row(["G alone (m * d * 4 bytes)", format_bytes(big["g_bytes"])]),
@@ -332,10 +346,14 @@ def big_report(record: dict) -> list[str]:
     sel = [r["select_update_s"] for r in big["runs"] if "select_update_s" in r]
     if sel:
         lines.append(md_row(["selection + joint update (per target)", f"{sum(sel) / len(sel):.1f} s"]))
-    lines += ["", "Validation loss (perplexity), one-shot, joint update:", ""]
-    methods = ["magnitude", "M-FAC block (stream)"] + (
-        ["SparseGPT (layer-wise)"] if any(r["method"].startswith("SparseGPT") for r in big["runs"]) else []
-    )
+    return lines
+
+
+def one_shot_report(record: dict) -> list[str]:
+    big = record["big"]
+    lines = ["", "Validation loss (perplexity), one-shot, joint update:", ""]
+    methods = [m for m in ("magnitude", "M-FAC block (stream)", "SparseGPT (layer-wise)")
+               if any(r["method"] == m for r in big["runs"])]
     lines.append(md_head(["sparsity", *methods]))
     for s in sorted({r["sparsity"] for r in big["runs"] if r.get("recompute", 1) == 1}):
         cells = []
@@ -421,6 +439,8 @@ def main(argv=None) -> None:
     add("--recompute", type=int, nargs="+", default=[1, 4, 16])
     add("--recompute-at", type=float, default=0.8)
     add("--equal-budget", action="store_true", help="recompute k steps with ngrads / k gradients each")
+    add("--methods", nargs="+", choices=["magnitude", "mfac", "sparsegpt"],
+        default=["magnitude", "mfac", "sparsegpt"], help="the big model's one-shot rows (runs can be split)")
     add("--val-batches", type=int, default=8)
     add("--small-hidden", type=int, default=128)
     add("--small-layers", type=int, default=2)

@@ -12,6 +12,7 @@ from mfac.fisher import (
     CompressedSlidingInverseFisher,
     DenseInverseFisher,
     InverseFisher,
+    LowPrecisionSlidingInverseFisher,
     SlidingInverseFisher,
     StaticInverseFisher,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "CompressedSlidingInverseFisher",
     "DenseInverseFisher",
     "InverseFisher",
+    "LowPrecisionSlidingInverseFisher",
     "SlidingInverseFisher",
     "StaticInverseFisher",
     # optimization

@@ -4,6 +4,7 @@ from mfac.fisher.base import InverseFisher
 from mfac.fisher.blocks import BlockFisherAccumulator, BlockInverseFisher
 from mfac.fisher.compressed import CompressedSlidingInverseFisher
 from mfac.fisher.dense import DenseInverseFisher
+from mfac.fisher.lowp import LowPrecisionSlidingInverseFisher
 from mfac.fisher.sliding import SlidingInverseFisher
 from mfac.fisher.static import StaticInverseFisher
 
@@ -13,6 +14,7 @@ __all__ = [
     "CompressedSlidingInverseFisher",
     "DenseInverseFisher",
     "InverseFisher",
+    "LowPrecisionSlidingInverseFisher",
     "SlidingInverseFisher",
     "StaticInverseFisher",
 ]

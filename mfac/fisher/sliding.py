@@ -20,14 +20,14 @@ positive, or a residual ``|M c - e_r|`` above tolerance), and while the window f
 
 One step, as executed (``update_mul``): write ``g`` into ring row ``r`` (keeping the row it replaces in a
 ``(d,)`` buffer), one pass ``G g`` in 32768-column float32 slabs summed in float64 (``|g|^2`` at ``r``),
-the new ``P`` built in a spare ``m x m`` buffer (one rank-two ``addmm``, or a Cholesky while filling and
-every ``m`` steps), the refined ``c`` and, all on the device, the numbers whose signs are the step's
-checks: ``|g|^2`` finite, the rank-two update stable, and no cancellation in the coming float32
-``G^T c`` (from ``|G^T c|^2 = c^T G G^T c``, before the pass). They are read in one host
-synchronisation; only then is the step installed (or undone: a non-finite gradient leaves the window as
-it was) and the second pass ``G^T c`` run. ``update_mul(g, check_finite=False)`` reads nothing: the
-numerical checks are copied to the host asynchronously and acted on at the next step. ``set_damp``
-changes ``damp`` by refactoring ``P`` from the Gram matrix (O(m^3)); the window is kept.
+the new ``P`` staged (a rank-two update, applied to ``P`` in place when the step is installed; a Cholesky
+into a spare ``m x m`` buffer while filling and every ``m`` steps), the refined ``c`` and, all on the
+device, the numbers whose signs are the step's checks: ``|g|^2`` finite, the rank-two update stable, and
+no cancellation in the coming float32 ``G^T c`` (from ``|G^T c|^2 = c^T G G^T c``, before the pass). They
+are read in one host synchronisation; only then is the step installed (or undone: a non-finite gradient
+leaves the window as it was) and the second pass ``G^T c`` run. ``update_mul(g, check_finite=False)``
+reads nothing: the numerical checks are copied to the host asynchronously and acted on at the next step.
+``set_damp`` changes ``damp`` by refactoring ``P`` from the Gram matrix (O(m^3)); the window is kept.
 
 Open choice, made explicit: while the window fills (``n < m`` gradients seen), ``average_over="seen"``
 (default) uses ``s = n``: the Fisher is the average of the gradients it holds, so the first step is the
@@ -93,11 +93,12 @@ class _Staged:
     n: int  # rows stored after the step
     scale: int  # s after the step
     saved: torch.Tensor  # the Gram row r before the step, shape (n,)
-    work: torch.Tensor  # the buffer holding the new P, shape (m, m)
+    work: torch.Tensor | None  # the buffer holding the new P, shape (m, m) (refactored steps)
     coeff: torch.Tensor  # M^{-1} e_r for the new window, float64 (n,)
     checks: torch.Tensor  # [|g|^2, pivot margin, residual margin, cancellation margin], float64
     fast: bool  # P from the rank-two update (else refactored)
     jitter: float  # the jitter of the new P
+    update: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (left, right, edge): see _replace_row
 
 
 def check_average_over(value: Any) -> str:
@@ -136,7 +137,7 @@ class SlidingInverseFisher(InverseFisher):
     size asked for.
 
     Cost per ``update_mul``: two passes over the window (``G g`` and ``G^T c``, O(md)) plus O(m^2)
-    float64 work (about five passes over ``m x m`` data, ~90 small tensor operations); O(m^3) once
+    float64 work (four passes over ``m x m`` data, ~90 small tensor operations); O(m^3) once
     every ``m`` steps (and every step while filling with ``"seen"``). One host synchronisation per step
     (none with ``check_finite=False``).
     """
@@ -431,7 +432,8 @@ class SlidingInverseFisher(InverseFisher):
         buffer: one copy, what :meth:`_unstage` restores), the Gram column ``G g`` is one pass over the
         new window (``|g|^2`` at ``r``, computed by the same kernel as the other entries: a window of
         identical gradients gets an exactly rank-one float Gram matrix), the Gram column is written (its
-        old values saved) and the new ``P`` is built in the spare buffer. The checks are numbers on the
+        old values saved) and the new ``P`` is staged (the rank-two update, applied at :meth:`_commit`;
+        a refactor is built in the spare buffer). The checks are numbers on the
         device (see :func:`_verdicts`), stacked into one tensor for one read.
         """
         self._apply_deferred()
@@ -452,8 +454,9 @@ class SlidingInverseFisher(InverseFisher):
         self._gram[row, :n] = col
         self._gram[:n, row] = col
         fast = self._num_seen >= m and scale == self.scale and self._since_refactor < m
+        work, update = None, None
         if fast:
-            coeff, margins, work, gram_coeff = self._replace_row(row, n)
+            coeff, margins, update, gram_coeff = self._replace_row(row, n)
             jitter = self._jitter
         else:
             coeff, margins, work, gram_coeff = self._refactored(row, n, scale)
@@ -463,7 +466,7 @@ class SlidingInverseFisher(InverseFisher):
         else:
             plain = self._cancellation_margin(coeff, gram_coeff)  # scale-free test
         checks = torch.cat([square.reshape(1), margins, plain.reshape(1)])
-        return _Staged(row, n, scale, saved, work, coeff, checks, fast, jitter)
+        return _Staged(row, n, scale, saved, work, coeff, checks, fast, jitter, update)
 
     def _gram_pass(self, n: int) -> SlabbedMatvec:
         """Return the prepared ``G[:n] @ x`` (float64-accumulated slabs), rebuilt when ``n`` changes."""
@@ -482,7 +485,13 @@ class SlidingInverseFisher(InverseFisher):
     def _commit(self, staged: _Staged, stable: bool) -> torch.Tensor:
         """Install the new ``P`` and count the step; refactor when the staged one was not stable."""
         self._num_seen += 1
-        self._inv, self._work = staged.work, self._inv
+        if staged.update is None:
+            self._inv, self._work = staged.work, self._inv
+        elif stable:  # the rank-two update, in place (an unstable one is refactored from the Gram matrix)
+            left, right, edge = staged.update
+            self._inv.addmm_(left, right)
+            self._inv[staged.row, :] = edge
+            self._inv[:, staged.row] = edge
         self._jitter = staged.jitter
         if stable:
             self._since_refactor = self._since_refactor + 1 if staged.fast else 0
@@ -542,7 +551,8 @@ class SlidingInverseFisher(InverseFisher):
         return coeff, torch.stack([ok, 0.0 * rel]), work, gram_coeff
 
     def _refined_column(
-        self, row: int, n: int, shift: float, inv: torch.Tensor | None = None
+        self, row: int, n: int, shift: float, inv: torch.Tensor | None = None,
+        pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``c = M^{-1} e_r`` from ``P`` plus one step of iterative refinement, the relative residual.
 
@@ -550,36 +560,50 @@ class SlidingInverseFisher(InverseFisher):
         ``P`` carries (the forward error of ``c0`` is up to cond(M) times ``P``'s backward error).
         The residual ``|r| / (|M| |c0|)`` is returned as a 0-d tensor (no host synchronisation here),
         and ``G G^T c0`` (for :meth:`_cancellation_margin`).
+
+        ``pending = (left, right, edge)``: the new ``P`` is ``inv + left @ right`` with row and column
+        ``r`` equal to ``edge`` (not yet applied, see :meth:`_replace_row`); then ``c0 = edge`` and
+        ``P r = inv r + left (right r)`` (the exact row/column ``r`` changes ``P r`` only at second
+        order: both ``P r`` terms are round-off sized).
         """
         inv = self._inv if inv is None else inv
         gram = self._gram
         if n < self._m:
             inv, gram = inv[:n, :n], gram[:n, :n]
-        c0 = inv[row]  # P is symmetric: row r is column r, and contiguous
+        c0 = inv[row] if pending is None else pending[2]  # P is symmetric: row r is column r
         gram_c0 = torch.mv(gram, c0)
         resid = torch.add(gram_c0, c0, alpha=shift).neg_()
         resid[row] += 1.0
         scale = (gram.diagonal().amax() + shift) * torch.linalg.vector_norm(c0, math.inf)
         rel = torch.linalg.vector_norm(resid, math.inf) / scale
-        return torch.addmv(c0, inv, resid), rel, gram_c0
+        refined = torch.addmv(c0, inv, resid)
+        if pending is not None:
+            left, right, _ = pending
+            refined.addmv_(left, torch.mv(right, resid))
+        return refined, rel, gram_c0
 
     def _replace_row(
         self, row: int, n: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Build the new ``P = M^{-1}`` for a new row/column ``row`` of ``M`` in O(m^2), in the spare buffer.
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Stage the new ``P = M^{-1}`` for a new row/column ``row`` of ``M`` in O(m^2), as a rank-two update.
 
         Remove: ``P' = P - p p^T / p_rr`` (``p = P e_r``) is the inverse of ``M`` without row/column
         ``row``, embedded with zeros. Add: with ``b`` the new column without its diagonal entry ``v_r``,
         ``u = P' b = P b - p (p^T b) / p_rr``, the Schur complement ``sigma = v_r - b^T u`` and
         ``w = u - e_r``, the new inverse is ``P' + w w^T / sigma``. Both corrections are applied as one
-        rank-two product ``P + [p, w] diag(-1/p_rr, 1/sigma) [p, w]^T`` written into the spare buffer,
-        and row/column ``r`` are then set to their exact value ``-w / sigma``: three O(m^2) passes over
-        float64 ``m x m`` data (``P b``, read ``P``, write the new one) instead of five.
+        rank-two product ``P + [p, w] diag(-1/p_rr, 1/sigma) [p, w]^T``, and row/column ``r`` are then
+        set to their exact value ``-w / sigma``. Nothing is written here: the product is applied to
+        ``P`` in place when the step is committed (:meth:`_commit`, one read and one write of ``P``),
+        so a step that fails its checks has nothing to undo, and no ``m x m`` copy is made (measured
+        at m = 1024: building the new ``P`` in the spare buffer, ``addmm(out=)``, cost 2.7 ms of CPU
+        time, the in-place ``addmm_`` 1.0 ms). The refinement of ``c`` reads the old ``P`` once more
+        (:meth:`_refined_column` with ``pending``): four O(m^2) passes in all (``P b``, ``G G^T c0``,
+        ``P r``, the update).
 
         Returns the refined ``c = M^{-1} e_r``, the stability margins (shape ``(2,)``: the smaller of
         the pivot ``p_rr`` and ``sigma - 1e-13 v_r``, and ``tol - residual``; stable iff both are > 0
-        and >= 0, see :func:`_verdicts`; the caller refactors otherwise), the buffer holding the new
-        ``P`` and ``G G^T c`` (see :meth:`_refined_column`).
+        and >= 0, see :func:`_verdicts`; the caller refactors otherwise), the pending update
+        ``(left, right, edge)`` and ``G G^T c`` (see :meth:`_refined_column`).
         """
         tiny = torch.finfo(self._inv.dtype).tiny
         shift = self._shift
@@ -597,13 +621,11 @@ class SlidingInverseFisher(InverseFisher):
         inv_sigma = 1.0 / sigma.clamp_min(tiny)
         left = torch.stack([p, u], dim=1)  # (m, 2)
         right = torch.stack([p / -pivot.clamp_min(tiny), u * inv_sigma], dim=0)  # (2, m)
-        work = torch.addmm(inv, left, right, out=self._work)
         edge = u * -inv_sigma
-        work[row, :] = edge
-        work[:, row] = edge
-        coeff, rel, gram_coeff = self._refined_column(row, n, shift, work)
+        pending = (left, right, edge)
+        coeff, rel, gram_coeff = self._refined_column(row, n, shift, inv, pending)
         margins = torch.stack([torch.minimum(pivot, sigma - 1e-13 * diag), _RESIDUAL_TOL - rel])
-        return coeff, margins, work, gram_coeff
+        return coeff, margins, pending, gram_coeff
 
     # ------------------------------------------------------------------ hooks
     def _check_vector(self, vec: torch.Tensor, name: str) -> None:
@@ -842,9 +864,17 @@ class SlidingInverseFisher(InverseFisher):
         return next(iter(self._rows_state()))
 
     def _state_row_norms(self, state: Mapping[str, Any], n: int) -> torch.Tensor:
-        """Squared norms (float64, ``(n,)``) of the first ``n`` rows stored in a checked ``state``."""
-        window = state["grads"][:n].to(device=self._device)
-        return torch.linalg.vector_norm(window, dim=1, dtype=SMALL_DTYPE).square_()
+        """Squared norms (float64, ``(n,)``) of the first ``n`` rows stored in a checked ``state``.
+
+        Column slab by slab: ``vector_norm(..., dtype=float64)`` converts its whole input first (measured:
+        a 1 GB float32 window took 2 GB more), so one call over the window would need ``n d 8`` bytes.
+        """
+        window = state["grads"][:n]
+        total = torch.zeros(n, dtype=SMALL_DTYPE, device=self._device)
+        for start in range(0, window.shape[1], self._chunk):
+            part = window[:, start : start + self._chunk].to(device=self._device)
+            total += torch.linalg.vector_norm(part, dim=1, dtype=SMALL_DTYPE).square_()
+        return total
 
     def _check_gram_diagonal(self, state: Mapping[str, Any], sq: torch.Tensor) -> None:
         """Check the Gram diagonal against the window's squared row norms ``sq`` (relative ``1e-2``)."""

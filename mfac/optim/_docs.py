@@ -69,6 +69,19 @@ COMMON_DOC = r"""
             blocks instead of int32 indices (such a window cannot grow: every parameter must have
             a gradient at the first step). None: the window's dtype and int32. At density 0.01 and
             m = 256 the rows cost ``m k 8`` bytes, ``m k 6`` with int16, ``m k 4`` with both.
+        window_dtype: None (default: the window is stored in ``dtype``) or ``torch.bfloat16``: the
+            ``m x d`` window stored in bfloat16 (:class:`mfac.fisher.lowp.LowPrecisionSlidingInverseFisher`),
+            half the memory (``m d 2`` bytes), while the products over it still accumulate in ``dtype``
+            (float32 partial sums, float64 totals) and the ``m x m`` work stays float64. Each gradient
+            is rounded to bfloat16 once as it enters the window; the step is then the exact M-FAC step
+            of the rounded gradients (measured: relative difference to the float32 window 3e-3, the
+            same training result on digits; ``experiments/bench_lowp.py``). Use it when the float32
+            window does not fit, or to double ``ngrads`` in the same memory; not for speed on CPU, where
+            the conversion made a step 3-4.5x the float32 floor (torch's own bfloat16 products, which
+            round to 8 bits, ran at 0.5-0.75x: a kernel that reads bfloat16 and accumulates in float32
+            is what would make it faster; not measured here). With ``density`` it stores the
+            compressed values in bfloat16 (``values_dtype``). Not with ``distributed``. Checkpoints hold
+            the bfloat16 window and load only into an optimizer with the same ``window_dtype``.
 
     Parameters and gradients:
         * The window's coordinate set is the parameters that have a gradient at the first step,

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from mfac.fisher.compressed import CompressedSlidingInverseFisher
+from mfac.fisher.lowp import LOW_PRECISION_WINDOW_DTYPES, LowPrecisionSlidingInverseFisher
 from mfac.fisher.sliding import SlidingInverseFisher
 from mfac.numerics import NonFiniteGradientError
 
@@ -70,18 +71,26 @@ class LocalPlacement:
     Args:
         density: None (the dense :class:`~mfac.fisher.sliding.SlidingInverseFisher`) or the kept
             fraction of a compressed window (:class:`~mfac.fisher.compressed.CompressedSlidingInverseFisher`).
+        window_dtype: None, or the storage dtype of a dense window (``torch.bfloat16``:
+            :class:`~mfac.fisher.lowp.LowPrecisionSlidingInverseFisher`); ignored with ``density``
+            (whose values take ``storage["values_dtype"]``).
         **storage: the compressed window's storage options (``values_dtype``, ``index_dtype``), passed
             to its constructor; only with ``density``.
     """
 
-    def __init__(self, density: float | None = None, **storage: torch.dtype) -> None:
+    def __init__(
+        self, density: float | None = None, *, window_dtype: torch.dtype | None = None, **storage: torch.dtype
+    ) -> None:
         if storage and density is None:
             raise ValueError(f"storage options {sorted(storage)} need a compressed window (density)")
         self.density = density
+        self.window_dtype = window_dtype
         self.storage = storage
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.storage.items())
+        if self.window_dtype is not None:
+            extra += f", window_dtype={self.window_dtype!r}"
         return f"LocalPlacement(density={self.density!r}{extra})"
 
     @staticmethod
@@ -100,11 +109,19 @@ class LocalPlacement:
         device: torch.device | str | None,
         average_over: Literal["seen", "ngrads"] = "seen",
     ) -> SlidingInverseFisher:
-        """Build the dense window, or the compressed one when a ``density`` was given (no communication)."""
+        """Build the window: compressed with a ``density``, low-precision with a ``window_dtype``, else dense.
+
+        No communication.
+        """
         if self.density is not None:
             return CompressedSlidingInverseFisher(
                 dim, ngrads, damp, density=self.density, dtype=dtype, device=device,
                 average_over=average_over, **self.storage,
+            )
+        if self.window_dtype is not None:
+            return LowPrecisionSlidingInverseFisher(
+                dim, ngrads, damp, window_dtype=self.window_dtype, dtype=dtype, device=device,
+                average_over=average_over,
             )
         return SlidingInverseFisher(dim, ngrads, damp, dtype=dtype, device=device, average_over=average_over)
 
@@ -137,3 +154,22 @@ def check_compressed_storage(
     if index_dtype is not None:
         out["index_dtype"] = index_dtype
     return out
+
+
+def check_window_dtype(window_dtype: Any, distributed: Any) -> torch.dtype | None:
+    """Validate the optimizer's ``window_dtype`` (the storage dtype of the window); return it."""
+    if window_dtype is not None and not isinstance(window_dtype, torch.dtype):
+        raise TypeError(
+            f"window_dtype must be a torch.dtype or None, got {type(window_dtype).__name__} {window_dtype!r}"
+        )
+    if window_dtype is not None and window_dtype not in LOW_PRECISION_WINDOW_DTYPES:
+        raise ValueError(
+            f"window_dtype (the storage dtype of the window) must be None or one of "
+            f"{LOW_PRECISION_WINDOW_DTYPES}, got {window_dtype!r}"
+        )
+    if window_dtype is not None and distributed is not None:
+        raise ValueError(
+            f"window_dtype={window_dtype} cannot be combined with distributed: the sharded window "
+            "is stored in its compute dtype; use window_dtype=None with distributed"
+        )
+    return window_dtype

@@ -54,7 +54,13 @@ from mfac.numerics import (
 from mfac.optim._checkpoint import check_optimizer_state
 from mfac.optim._docs import COMMON_DOC
 from mfac.optim._layout import Layout
-from mfac.optim._placement import LocalPlacement, NonFiniteElsewhere, Placement, check_compressed_storage
+from mfac.optim._placement import (
+    LocalPlacement,
+    NonFiniteElsewhere,
+    Placement,
+    check_compressed_storage,
+    check_window_dtype,
+)
 from mfac.params import check_mask
 
 logger = logging.getLogger(__name__)
@@ -84,6 +90,7 @@ _PICKLED = (
     "_placement",
     "_density",
     "_compressed_storage",
+    "_window_storage",
 )
 
 
@@ -121,6 +128,7 @@ class _MFACBase(Optimizer):
         density: float | None = None,
         values_dtype: torch.dtype | None = None,
         index_dtype: torch.dtype | None = None,
+        window_dtype: torch.dtype | None = None,
     ) -> None:
         check_positive_int(defaults["ngrads"], "ngrads")
         defaults["damp"] = check_damp(defaults["damp"])
@@ -144,6 +152,10 @@ class _MFACBase(Optimizer):
                 f"density={density} (a compressed window) cannot be combined with distributed: "
                 "the compressed window is not sharded; use density=None with distributed"
             )
+        #: storage dtype of the window when it is not the compute dtype (None: the compute dtype).
+        self._window_storage = check_window_dtype(window_dtype, distributed)
+        if self._window_storage is not None and self._density is not None and values_dtype is None:
+            values_dtype = self._window_storage  # a compressed window stores its values in it
         #: storage options of a compressed window (values and index dtypes).
         self._compressed_storage = check_compressed_storage(self._density, values_dtype, index_dtype)
         if distributed is not None and not isinstance(distributed, Placement):
@@ -153,7 +165,8 @@ class _MFACBase(Optimizer):
             )
         #: where the window lives (mfac.optim._placement): one process, or torch.distributed ranks.
         self._placement: Placement = (
-            LocalPlacement(self._density, **self._compressed_storage) if distributed is None else distributed
+            LocalPlacement(self._density, window_dtype=self._window_storage, **self._compressed_storage)
+            if distributed is None else distributed
         )
         #: leave the m x d window out of :meth:`state_dict` (see the class docstring).
         self.save_window = bool(save_window)
@@ -481,6 +494,7 @@ class _MFACBase(Optimizer):
             "active": None if layout is None else [position[id(p)] for p in layout.params],
             "window_dtype": None if layout is None else layout.dtype,
             "density": self._density,
+            "window_storage": self._window_storage,
             "fisher": fisher.state_dict() if fisher is not None and self.save_window else None,
         }
 
@@ -565,6 +579,12 @@ class _MFACBase(Optimizer):
                 f"the checkpoint was saved with density={glob.get('density')!r}, this optimizer "
                 f"has density={self._density!r}; build the optimizer with the saved density"
             )
+        if glob.get("window_storage") != self._window_storage:
+            raise ValueError(
+                f"the checkpoint was saved with window_dtype={glob.get('window_storage')!r}, this "
+                f"optimizer has window_dtype={self._window_storage!r}; build the optimizer with the "
+                "saved window_dtype"
+            )
         counters = int(glob["num_steps"]), int(glob["num_skipped"])
         if glob["active"] is None:
             return None, None, *counters
@@ -636,6 +656,7 @@ class MFACPreconditioner(_MFACBase):
         density: float | None = None,
         values_dtype: torch.dtype | None = None,
         index_dtype: torch.dtype | None = None,
+        window_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = {"ngrads": ngrads, "damp": damp, "weight_decay": weight_decay}
         super().__init__(
@@ -651,6 +672,7 @@ class MFACPreconditioner(_MFACBase):
             density=density,
             values_dtype=values_dtype,
             index_dtype=index_dtype,
+            window_dtype=window_dtype,
         )
 
     def _apply(self, directions: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
@@ -739,6 +761,7 @@ class MFAC(_MFACBase):
         density: float | None = None,
         values_dtype: torch.dtype | None = None,
         index_dtype: torch.dtype | None = None,
+        window_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -760,6 +783,7 @@ class MFAC(_MFACBase):
             density=density,
             values_dtype=values_dtype,
             index_dtype=index_dtype,
+            window_dtype=window_dtype,
         )
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
