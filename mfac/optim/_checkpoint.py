@@ -97,3 +97,32 @@ def _check_global_state(glob: Any, window_dtypes: tuple[torch.dtype, ...]) -> No
         isinstance(m, torch.Tensor) and m.dtype == torch.bool for m in glob["masks"].values()
     ):
         raise ValueError("the saved M-FAC state's masks must be a dict {position: bool tensor}")
+
+
+def check_saved_settings(
+    glob: Mapping[str, Any], masks: Mapping[int, torch.Tensor], *, version: int, **settings: tuple[str, Any]
+) -> None:
+    """Raise ``ValueError`` unless a checkpoint's window settings are this optimizer's; change nothing.
+
+    ``glob`` is the saved global state (checked in form by :func:`check_optimizer_state`); ``masks`` this
+    optimizer's masks by parameter position; ``settings`` maps a saved key to ``(public name, value)``
+    (e.g. ``density=("density", 0.01)``): each saved value must equal this optimizer's.
+    """
+    if glob.get("version") != version:
+        raise ValueError(f"unsupported M-FAC state version {glob.get('version')!r} (expected {version})")
+    theirs = glob["masks"]
+    same = masks.keys() == theirs.keys() and all(
+        torch.equal(masks[i], theirs[i].to(masks[i].device)) for i in masks
+    )
+    if not same:
+        raise ValueError(
+            "the checkpoint was saved with masks on parameters at positions "
+            f"{sorted(theirs)}, this optimizer has masks on {sorted(masks)} (or different "
+            "values); build the optimizer with the same masks as the one that was saved"
+        )
+    for key, (name, mine) in settings.items():
+        if glob.get(key) != mine:
+            raise ValueError(
+                f"the checkpoint was saved with {name}={glob.get(key)!r}, this optimizer has "
+                f"{name}={mine!r}; build the optimizer with the saved {name}"
+            )

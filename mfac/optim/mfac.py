@@ -51,7 +51,7 @@ from mfac.numerics import (
     check_positive_int,
     check_real,
 )
-from mfac.optim._checkpoint import check_optimizer_state
+from mfac.optim._checkpoint import check_optimizer_state, check_saved_settings
 from mfac.optim._docs import COMMON_DOC
 from mfac.optim._layout import Layout
 from mfac.optim._placement import (
@@ -558,33 +558,11 @@ class _MFACBase(Optimizer):
         """Check the saved global state against this optimizer and rebuild the window from it."""
         if glob is None:  # saved before the first step
             return None, None, 0, 0
-        if glob.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"unsupported M-FAC state version {glob.get('version')!r} "
-                f"(expected {_STATE_VERSION})"
-            )
-        mine = {i: self._masks[p] for i, p in enumerate(params) if p in self._masks}
-        theirs = glob["masks"]
-        same = mine.keys() == theirs.keys() and all(
-            torch.equal(mine[i], theirs[i].to(mine[i].device)) for i in mine
+        check_saved_settings(
+            glob, {i: self._masks[p] for i, p in enumerate(params) if p in self._masks},
+            version=_STATE_VERSION, density=("density", self._density),
+            window_storage=("window_dtype", self._window_storage),
         )
-        if not same:
-            raise ValueError(
-                "the checkpoint was saved with masks on parameters at positions "
-                f"{sorted(theirs)}, this optimizer has masks on {sorted(mine)} (or different "
-                "values); build the optimizer with the same masks as the one that was saved"
-            )
-        if glob.get("density") != self._density:
-            raise ValueError(
-                f"the checkpoint was saved with density={glob.get('density')!r}, this optimizer "
-                f"has density={self._density!r}; build the optimizer with the saved density"
-            )
-        if glob.get("window_storage") != self._window_storage:
-            raise ValueError(
-                f"the checkpoint was saved with window_dtype={glob.get('window_storage')!r}, this "
-                f"optimizer has window_dtype={self._window_storage!r}; build the optimizer with the "
-                "saved window_dtype"
-            )
         counters = int(glob["num_steps"]), int(glob["num_skipped"])
         if glob["active"] is None:
             return None, None, *counters
