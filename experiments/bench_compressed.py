@@ -17,20 +17,26 @@ Sections:
 * ``largest``: the largest windows that fit here: the dense window's bytes stated, a compressed
   window at m = 1024, d = 1e7, density 0.01 allocated and stepped (its RSS measured).
 
-Run: ``python -m experiments.bench_compressed [--sections kernels step largest] [--threads 1]``.
+Run: ``python -m experiments.bench_compressed [--sections kernels step largest] [--threads 1]
+[--out results/bench_compressed]`` (with ``--out``: ``bench_compressed.md`` and ``bench_compressed.json``,
+the tables and the run record).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import time
+import json
+import statistics
 import warnings
+from pathlib import Path
 
 import torch
 
-from experiments._measure import current_rss, time_interleaved
-from experiments._report import md_head, md_row
+from experiments._measure import current_rss, time_interleaved, two_pass_floor
+from experiments._metrics import rel_err
+from experiments._provenance import RunRecord, commit_label
+from experiments._report import jsonable, md_head, md_row
 from mfac.fisher.compressed import CompressedSlidingInverseFisher
 from mfac.fisher.sliding import SlidingInverseFisher
 from mfac.numerics import format_bytes
@@ -59,6 +65,7 @@ def kernels(m: int, d: int, density: float, repeats: int) -> list[str]:
     flat_idx = indices.view(-1)
     g, c = torch.randn(d), torch.randn(m, dtype=torch.float64)
     dense = torch.randn(m, d)
+    dense_floor = two_pass_floor(dense, g, c.float())
     crow = torch.arange(0, m * k + 1, k, dtype=torch.int32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -76,7 +83,7 @@ def kernels(m: int, d: int, density: float, repeats: int) -> list[str]:
         return torch.bincount(flat_idx.long(), (c[:, None] * values).view(-1), minlength=d)
 
     fns = {
-        "floor: G @ g + G^T c (dense window)": lambda: (dense @ g, c.float() @ dense),
+        "floor: G @ g + G^T c (dense window)": dense_floor,
         "gram row: CSR mat-vec (kept)": lambda: csr @ g,
         "gram row: index_select + mul + sum(float64)": lambda: (
             torch.index_select(g, 0, flat_idx).view(m, k) * values).sum(1, dtype=torch.float64),
@@ -175,7 +182,7 @@ def storage(m: int, d: int, density: float, repeats: int) -> list[str]:
         twin.load_state_dict(op.state_dict())
         u = twin.update_mul(probe).double()
         reference = u if reference is None else reference
-        change[name] = float((u - reference).norm() / reference.norm())
+        change[name] = rel_err(u, reference)
         del twin
     counter = {"i": 0}
 
@@ -214,10 +221,14 @@ def largest(m: int, d: int, density: float, steps: int = 3) -> list[str]:
     op.reset()  # touch every page of the values, indices and accumulator
     allocated = current_rss() - before
     gen = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    for _ in range(steps):
-        op.update_mul(torch.randn(d, generator=gen))
-    per_step = (time.perf_counter() - start) / steps
+    grad = [torch.empty(d)]
+
+    def fresh() -> None:  # untimed: a new gradient for every step
+        grad[0] = torch.randn(d, generator=gen)
+
+    t = time_interleaved({"step": lambda: op.update_mul(grad[0])}, repeats=steps, warmup=0,
+                         setup={"step": fresh})
+    per_step = statistics.fmean(t["step"]["times"])  # the mean: the first steps differ (n = 1, 2, ...)
     stepped = current_rss() - before
     return [f"\n### Largest window here: m = {m}, d = {d:,}, density {density} (k = {op.row_size:,})\n",
             md_head(["window", "state bytes", "RSS growth: allocated", "after steps",
@@ -238,9 +249,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--largest-m", type=int, default=1024)
     p.add_argument("--largest-d", type=int, default=10_000_000)
+    p.add_argument("--out", type=Path, default=None, help="also write the tables and the run record here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    lines = [f"threads: {torch.get_num_threads()}, torch {torch.__version__}"]
+    record = RunRecord(argv)
+    lines = []
     if "kernels" in args.sections:
         for density in (0.01, 0.001):
             lines += kernels(args.m, args.d, density, args.repeats)
@@ -250,7 +263,19 @@ def main(argv: list[str] | None = None) -> None:
         lines += storage(args.m, args.d, 0.01, args.repeats)
     if "largest" in args.sections:
         lines += largest(args.largest_m, args.largest_d, 0.01)
-    print("\n".join(lines))
+    meta = record.finish(sections=args.sections, m=args.m, d=args.d, repeats=args.repeats,
+                         largest_m=args.largest_m, largest_d=args.largest_d)
+    load = meta["load_avg_before"], meta["load_avg_after"]
+    lines.insert(0, f"{meta['date']}, mfac at {commit_label(meta)}; torch {meta['torch']}, "
+                    f"threads: {meta['threads']}; load average (1 min) "
+                    + " before, ".join("-" if x is None else f"{x[0]:.1f}" for x in load) + " after")
+    text = "\n".join(lines)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_compressed.md").write_text(text + "\n")
+        (args.out / "bench_compressed.json").write_text(
+            json.dumps(jsonable({"meta": meta, "markdown": text}), indent=1))
 
 
 if __name__ == "__main__":

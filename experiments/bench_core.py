@@ -71,7 +71,7 @@ from experiments._paper_reference import (
     diag_rowloop,
     static_recursion,
 )
-from experiments._provenance import RunRecord, commit_label, git_state
+from experiments._provenance import RunRecord, commit_label
 from experiments._report import fmt_d, fmt_e, fmt_x, jsonable, md_head, md_row
 from mfac import SlidingInverseFisher, StaticInverseFisher
 from mfac.numerics import MFACWarning, accumulated_matmul
@@ -210,16 +210,6 @@ def _float64_combine(window: torch.Tensor, coeffs: torch.Tensor,
     for start in range(0, d, chunk):
         out[start:start + chunk] = window[:, start:start + chunk].to(torch.float64).T @ coeffs
     return out
-
-
-#: the names ``experiments.bench_step`` imports from here (the kit's, under their former names)
-_rel_err = rel_err_max
-
-
-def _git_state() -> str:
-    """``HEAD``'s short hash, ``+dirty (paths)`` when the checkout has changes (:mod:`_provenance`)."""
-    commit, dirty = git_state()
-    return commit_label({"commit": commit, "dirty": dirty})
 
 
 # ====================================================================== sections

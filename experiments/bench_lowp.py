@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +31,16 @@ import torch
 from torch import nn
 
 from experiments._data import load_split, minibatches
-from experiments._measure import time_interleaved
+from experiments._measure import stopwatch, time_interleaved, two_pass_floor
+from experiments._metrics import evaluate, mean_std, rel_err_max
 from experiments._models import build_model, count_parameters
+from experiments._provenance import RunRecord, commit_label
 from experiments._report import fmt_d, fmt_e, fmt_x, jsonable, md_head, md_row
 from experiments.bench_core import (
     GradientGenerator,
     _float64_combine,
     _float64_gram,
-    _git_state,
     _load_steady_state,
-    _rel_err,
 )
 from mfac import MFAC, LowPrecisionSlidingInverseFisher, SlidingInverseFisher
 
@@ -86,18 +84,13 @@ def accuracy(args: argparse.Namespace) -> list[dict]:
             rounded = _truth(low.window, row, damp)
             rows.append({
                 "m": m, "d": d, "damp": damp,
-                "f32_vs_exact": _rel_err(u32, exact), "bf16_vs_exact": _rel_err(u16, exact),
-                "bf16_vs_rounded": _rel_err(u16, rounded), "bf16_vs_f32": _rel_err(u16, u32.double()),
-                "rounded_vs_exact": _rel_err(rounded, exact),
+                "f32_vs_exact": rel_err_max(u32, exact), "bf16_vs_exact": rel_err_max(u16, exact),
+                "bf16_vs_rounded": rel_err_max(u16, rounded),
+                "bf16_vs_f32": rel_err_max(u16, u32.double()),
+                "rounded_vs_exact": rel_err_max(rounded, exact),
             })
             print("  " + json.dumps(jsonable(rows[-1])), flush=True)
     return rows
-
-
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    with torch.no_grad():
-        logits = model(x)
-    return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).double().mean().item()
 
 
 def training(args: argparse.Namespace) -> list[dict]:
@@ -119,16 +112,16 @@ def training(args: argparse.Namespace) -> list[dict]:
                     for xb, yb in minibatches(x_train, y_train, 32, generator=gen):
                         opt.zero_grad()
                         nn.functional.cross_entropy(model(xb), yb).backward()
-                        start = time.perf_counter()
-                        opt.step()
-                        spent += time.perf_counter() - start
+                        with stopwatch() as watch:
+                            opt.step()
+                        spent += watch.seconds
                         steps += 1
                 window = opt.inverse_fisher.state_dict()["grads"]
                 runs.append({
                     "model": model_name, "window": "bfloat16" if window_dtype else "float32", "seed": seed,
                     "params": count_parameters(model), "steps": steps,
-                    "train_loss": _evaluate(model, x_train, y_train)[0],
-                    "test_acc": _evaluate(model, x_test, y_test)[1],
+                    "train_loss": evaluate(model, x_train, y_train)[0],
+                    "test_acc": evaluate(model, x_test, y_test)[1],
                     "window_bytes": window.numel() * window.element_size(),
                     "ms_per_step": 1e3 * spent / steps,
                 })
@@ -153,7 +146,7 @@ def _time_one(m: int, d: int, args: argparse.Namespace) -> dict[str, Any]:
     g16, c16 = stream[0].to(BF16), c.to(BF16)
     t = time_interleaved({
         "f32": stepper("f32", full), "bf16": stepper("bf16", low),
-        "floor": lambda: (torch.mv(w32, stream[0]), torch.mv(w32.T, c)),
+        "floor": two_pass_floor(w32, stream[0], c),
         "bf16_native": lambda: (torch.mv(w16, g16), torch.mv(w16.T, c16)),
     }, args.repeats, args.warmup)
     floor, floor_cpu = t["floor"]["median"], t["floor"]["cpu_median"]
@@ -180,17 +173,23 @@ def timing(args: argparse.Namespace) -> list[dict]:
 
 
 def _mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+    """``mean ± std`` over seeds (sample std), the mean alone for one seed."""
+    mean, std = mean_std(values)
+    return f"{mean:.4f}" if len(values) < 2 else f"{mean:.4f} ± {std:.4f}"
+
+
+def _load1(meta: dict, when: str) -> str:
+    """The 1-minute load average ``when`` ("before" / "after") the run, from the run record."""
+    load = meta.get(f"load_avg_{when}")
+    return "-" if not load else f"{load[0]:.1f}"
 
 
 def render(res: dict) -> str:
     meta = res["meta"]
     lines = [
         "# The bfloat16 window against the float32 window", "",
-        f"{meta['date']}, mfac at {meta['commit']}; torch {meta['torch']}, {meta['threads']} threads; "
-        f"load average (1 min) {meta['load_before']:.1f} before, {meta['load_after']:.1f} after.", "",
+        f"{meta['date']}, mfac at {commit_label(meta)}; torch {meta['torch']}, {meta['threads']} threads; "
+        f"load average (1 min) {_load1(meta, 'before')} before, {_load1(meta, 'after')} after.", "",
     ]
     if res["accuracy"]:
         lines += ["## Accuracy of one step (max-norm relative error)", "",
@@ -275,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.train_subset, args.repeats = 64, 2
     args.accuracy_sizes, args.time_sizes = _sizes(args.accuracy_sizes), _sizes(args.time_sizes)
     torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
+    record = RunRecord(argv)
     print("[bench_lowp] accuracy", flush=True)
     acc = accuracy(args)
     print("[bench_lowp] training", flush=True)
@@ -283,9 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("[bench_lowp] time", flush=True)
     times = timing(args)
     res = {
-        "meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _git_state(),
-                 "torch": torch.__version__, "threads": torch.get_num_threads(),
-                 "load_before": load_before, "load_after": os.getloadavg()[0]},
+        "meta": record.finish(quick=args.quick, repeats=args.repeats, warmup=args.warmup,
+                              time_damp=args.time_damp, seed=args.seed),
         "accuracy": acc, "training": train, "time": times,
     }
     text = render(res)

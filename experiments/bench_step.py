@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +27,16 @@ import torch
 from torch import nn
 
 from experiments import _peer_code as peers
+from experiments._measure import time_interleaved, two_pass_floor
+from experiments._metrics import rel_err_max
 from experiments._models import count_parameters, resnet20_like
+from experiments._provenance import RunRecord, commit_label
 from experiments._report import fmt_d, fmt_e, fmt_x, jsonable, md_head, md_row
 from experiments.bench_core import (
     GradientGenerator,
     _float64_combine,
     _float64_gram,
-    _git_state,
     _load_steady_state,
-    _rel_err,
-    time_interleaved,
 )
 from mfac import MFAC, SlidingInverseFisher
 from mfac.numerics import accumulated_matmul
@@ -82,7 +80,7 @@ def side_by_side(m: int, d: int, args: argparse.Namespace, paper: Any, ista: Any
         contenders["ista"] = peers.new_ista(ista, window, gram32, args.damp, op.next_row)
         fns["ista"] = stepper(
             "ista", lambda g: contenders["ista"].integrate_gradient_and_precondition(g, g))
-    fns["floor"] = lambda: (torch.mv(window, stream[0]), torch.mv(window.T, coeff))
+    fns["floor"] = two_pass_floor(window, stream[0], coeff)
     with peers.lu_nopivot_shim():
         t = time_interleaved(fns, args.repeats, args.warmup)
         floor = t["floor"]["median"]
@@ -105,7 +103,7 @@ def side_by_side(m: int, d: int, args: argparse.Namespace, paper: Any, ista: Any
         rhs[r, 0] = m
         truth = _float64_combine(window, torch.cholesky_solve(rhs, torch.linalg.cholesky(system)))[:, 0]
         for name, out in outs.items():
-            row[f"{name}_err"] = _rel_err(out, truth)
+            row[f"{name}_err"] = rel_err_max(out, truth)
     row["status"] = "ok"
     return row
 
@@ -190,14 +188,20 @@ def scale(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _load1(meta: dict, when: str) -> str:
+    """The 1-minute load average ``when`` ("before" / "after") the run, from the run record."""
+    load = meta.get(f"load_avg_{when}")
+    return "-" if not load else f"{load[0]:.1f}"
+
+
 def render(res: dict) -> str:
     meta = res["meta"]
     lines = [
         "# The optimizer's step: mfac, the paper's code, ista-daslab-optimizers",
         "",
-        f"{meta['date']}, mfac at {meta['commit']}; torch {meta['torch']}, {meta['threads']} threads; "
+        f"{meta['date']}, mfac at {commit_label(meta)}; torch {meta['torch']}, {meta['threads']} threads; "
         f"float32, damp {meta['damp']:g}; median of {meta['repeats']} after {meta['warmup']} warm-up, "
-        f"interleaved; load average (1 min) {meta['load_before']:.1f} before, {meta['load_after']:.1f} "
+        f"interleaved; load average (1 min) {_load1(meta, 'before')} before, {_load1(meta, 'after')} "
         f"after; paper's code: {meta['paper_code']}; ista: {meta['ista']}.",
         "",
         "## Side by side: step / floor (floor = `G g + G^T c` on the same buffer) and float32 error",
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.m, args.d, args.repeats, args.warmup, args.scale_m = [8, 32], [3e4], 3, 1, []
     torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
+    record = RunRecord(argv)
     paper, ista = peers.load_paper(args.paper_code), peers.load_ista()
     rows = []
     for d in args.d:
@@ -276,14 +280,11 @@ def main(argv: list[str] | None = None) -> dict:
             print("  " + json.dumps(jsonable({k: v for k, v in rows[-1].items()})), flush=True)
     scaled = scale(args) if args.scale_m else []
     res = {
-        "meta": {
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _git_state(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "damp": args.damp,
-            "repeats": args.repeats, "warmup": args.warmup, "load_before": load_before,
-            "load_after": os.getloadavg()[0],
-            "paper_code": str(args.paper_code) if paper is not None else "not found (skipped)",
-            "ista": "installed" if ista is not None else "not installed (skipped)",
-        },
+        "meta": record.finish(
+            damp=args.damp, repeats=args.repeats, warmup=args.warmup, quick=args.quick,
+            paper_code=str(args.paper_code) if paper is not None else "not found (skipped)",
+            ista="installed" if ista is not None else "not installed (skipped)",
+        ),
         "side_by_side": rows,
         "scale": scaled,
     }

@@ -30,7 +30,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -42,8 +41,10 @@ if __package__ in (None, ""):  # run as a file: make `experiments` importable
 
 from experiments import _data
 from experiments._data import Split, load_digits_split, minibatches
-from experiments._measure import time_interleaved
+from experiments._measure import stopwatch, time_interleaved
+from experiments._metrics import evaluate, mean_std
 from experiments._models import build_model, count_parameters, resnet20_like
+from experiments._provenance import RunRecord
 from experiments._report import jsonable, md_head, md_row
 from mfac.numerics import format_bytes
 from mfac.optim import MFAC
@@ -171,14 +172,6 @@ def state_bytes(opt: torch.optim.Optimizer, curvature_only: bool = False) -> int
     return total
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    model.eval()
-    logits = model(x)
-    model.train()
-    return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).double().mean().item()
-
-
 def train_run(dataset: str, model_name: str, opt_name: str, seed: int, data: Split, cfg: Config,
               hp: dict[str, float]) -> dict:
     """Train one model with one optimizer; accuracy on ``data``'s held-out part (test or validation)."""
@@ -193,12 +186,12 @@ def train_run(dataset: str, model_name: str, opt_name: str, seed: int, data: Spl
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(xb), yb)
             loss.backward()
-            start = time.perf_counter()
-            try:
-                opt.step()
-            except ValueError:  # a non-finite gradient: the run diverged
-                diverged = True
-            opt_time += time.perf_counter() - start
+            with stopwatch() as watch:
+                try:
+                    opt.step()
+                except ValueError:  # a non-finite gradient: the run diverged
+                    diverged = True
+            opt_time += watch.seconds
             steps += 1
             if diverged or not math.isfinite(loss.item()):
                 diverged = True
@@ -267,10 +260,9 @@ def sweep_table(runs: list[dict], chosen: dict, cfg: Config) -> list[str]:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std over the seeds whose value is finite (``nan, nan`` when none is)."""
     values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean_std(values) if values else (math.nan, math.nan)
 
 
 def training_table(runs: list[dict], cfg: Config, names: list[str] | None = None) -> list[str]:
@@ -332,10 +324,10 @@ def resnet_table(cfg: Config) -> tuple[list[str], list[dict]]:
     opts["Adam (foreach)"] = torch.optim.Adam(params, lr=1e-6, foreach=True)
     fill = {}
     for name, opt in opts.items():  # fill every window (timed separately: refactors while filling)
-        start = time.perf_counter()
-        for _ in range(cfg.timing_ngrads):
-            with_grads(opt)()
-        fill[name] = (time.perf_counter() - start) / cfg.timing_ngrads
+        with stopwatch() as watch:  # one pass, not interleaved: each fill changes its window
+            for _ in range(cfg.timing_ngrads):
+                with_grads(opt)()
+        fill[name] = watch.seconds / cfg.timing_ngrads
     res = time_interleaved({name: with_grads(opt) for name, opt in opts.items()},
                            repeats=cfg.timing_repeats, warmup=1)
     dense_ms = res["M-FAC dense"]["median"] * 1e3
@@ -476,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
         (args.out / "diagnose.json").write_text(json.dumps(jsonable(rows), indent=1))
         print("\n".join(lines))
         return {"diagnose": rows}
-    started = time.perf_counter()
+    record = RunRecord(argv)
     sweep_file = args.out / "sweep.json"
     saved = json.loads(sweep_file.read_text()) if args.reuse_sweep and sweep_file.exists() else {}
     chosen, sweep_runs = {}, []
@@ -493,8 +485,8 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 chosen[(dataset, model)], more = sweep(dataset, model, data, cfg)
                 sweep_runs += more
-            _log(f"{key}: chosen {chosen[(dataset, model)]} ({time.perf_counter() - started:.0f} s)")
-    sweep_s = time.perf_counter() - started
+            _log(f"{key}: chosen {chosen[(dataset, model)]} ({record.seconds:.0f} s)")
+    sweep_s = record.seconds
     if not (args.reuse_sweep and saved):
         sweep_file.write_text(json.dumps(jsonable({
             "chosen": {f"{d}/{m}": c for (d, m), c in chosen.items()}, "runs": sweep_runs,
@@ -511,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if cfg.shared is not None and opt.startswith("M-FAC"):
                     hp = {"damp": cfg.shared[0], "lr": cfg.shared[1]}
                     shared_runs += [train_run(dataset, model, opt, seed, data, cfg, hp) for seed in cfg.seeds]
-    train_s = time.perf_counter() - started - sweep_s
+    train_s = record.seconds - sweep_s
     header = (f"epochs {cfg.epochs}, batch {cfg.batch_size}, seeds {list(cfg.seeds)}; M-FAC m = "
               f"{cfg.mfac_ngrads}, momentum {cfg.mfac_momentum} (EMA); SGD momentum {cfg.sgd_momentum}")
     lines = [f"Validation sweep ({sweep_s:.0f} s, {torch.get_num_threads()} threads; {header}; train on "
@@ -529,7 +521,8 @@ def main(argv: list[str] | None = None) -> dict:
         lines += ["", *more]
     results = {"config": asdict(cfg), "chosen": {f"{d}/{m}": c for (d, m), c in chosen.items()},
                "runs": runs, "shared_runs": shared_runs, "resnet": resnet_rows,
-               "seconds": time.perf_counter() - started, "torch": torch.__version__}
+               "meta": record.finish(quick=args.quick, reuse_sweep=args.reuse_sweep,
+                                     optimizers=args.optimizers, skip_resnet=args.skip_resnet)}
     (args.out / "results.json").write_text(json.dumps(jsonable(results), indent=1))
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -24,7 +24,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -36,7 +35,7 @@ if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments._data import load_split, minibatches
-from experiments._measure import median_seconds, time_interleaved, two_pass_floor
+from experiments._measure import median_seconds, stopwatch, time_interleaved, two_pass_floor
 from experiments._metrics import evaluate, mean_std
 from experiments._models import build_model, count_parameters, resnet20_like
 from experiments._provenance import RunRecord
@@ -130,22 +129,22 @@ def train_run(model_name: str, opt_name: str, lr: float, seed: int, data, cfg: C
         losses = []
         for xb, yb in minibatches(x_train, y_train, cfg.batch_size, generator=gen):
             _sync(xb.device)
-            start = time.perf_counter()
+            watch = stopwatch()  # marks: forward + backward done (mid), step done (end)
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(xb), yb)
             loss.backward()
             _sync(xb.device)
-            mid = time.perf_counter()
+            mid = watch.seconds
             if grad_sq is None:
                 grad_sq = sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None)
-                mid = time.perf_counter()
+                mid = watch.seconds
             try:
                 opt.step()
             except ValueError:  # MFAC refuses a non-finite gradient: the run diverged
                 diverged = True
             _sync(xb.device)
-            end = time.perf_counter()
-            step_time += end - start
+            end = watch.seconds
+            step_time += end
             opt_time += end - mid
             steps += 1
             losses.append(loss.item())

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from experiments import compressed_window
+import pytest
+
+from experiments import bench_compressed, compressed_window
 
 
 def test_quick_run_reports_every_optimizer_and_smaller_compressed_state(tmp_path, one_thread):
@@ -25,3 +27,25 @@ def test_quick_run_reports_every_optimizer_and_smaller_compressed_state(tmp_path
     assert all(r["steps"] == dense["steps"] > 0 for r in runs.values())
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["runs"]) == len(results["runs"]) and saved["resnet"]
+    # the run record replaces the former top-level "seconds" / "torch" keys
+    assert "seconds" not in saved and "torch" not in saved
+    assert saved["meta"]["quick"] is True and saved["meta"]["seconds"] > 0 and saved["meta"]["commit"]
+
+
+# the step and storage sections stream one base gradient plus noise: nearly collinear rows, as intended
+@pytest.mark.filterwarnings("ignore::mfac.numerics.NumericalWarning")
+def test_bench_compressed_tiny_run_writes_tables_and_record(tmp_path, one_thread, capsys):
+    bench_compressed.main(["--threads", "1", "--m", "8", "--d", "4000", "--repeats", "2",
+                           "--largest-m", "8", "--largest-d", "20000", "--out", str(tmp_path)])
+    text = (tmp_path / "bench_compressed.md").read_text()
+    assert text == capsys.readouterr().out
+    for heading in ("### Sparse products", "### update_mul at ResNet-20 size", "### Storage of a compressed",
+                    "### Largest window here"):
+        assert heading in text, heading
+    # the float32-valued storages take the same step as the reference storage: no change at all
+    assert "| float32 values, int16 offsets | " in text
+    row = next(line for line in text.splitlines() if line.startswith("| float32 values, int16 offsets |"))
+    assert row.rstrip(" |").endswith("0.0e+00")
+    saved = json.loads((tmp_path / "bench_compressed.json").read_text())
+    assert saved["markdown"] == text.rstrip("\n")
+    assert saved["meta"]["m"] == 8 and saved["meta"]["threads"] == 1 and saved["meta"]["load_avg_after"]
