@@ -28,7 +28,6 @@ import copy
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,14 +37,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import mfac  # noqa: E402
-from experiments._measure import current_rss, peak_rss, reset_peak  # noqa: E402
+from experiments._measure import current_rss, peak_rss, reset_peak, stopwatch  # noqa: E402
+from experiments._provenance import RunRecord  # noqa: E402
 from experiments._report import jsonable, md_head, md_row  # noqa: E402
 from mfac.collect import evaluate_loss, stream_grads  # noqa: E402
 from mfac.fisher import BlockFisherAccumulator  # noqa: E402
 from mfac.numerics import format_bytes  # noqa: E402
 from mfac.params import ParamSpace  # noqa: E402
 from mfac.prune import FisherCurvature, prune_oneshot  # noqa: E402
-from mfac.prune.pruner import prune_with  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------- data and model
@@ -105,7 +104,13 @@ def trained_model(args, data: CharData, tag: str, size: dict) -> tuple[torch.nn.
     torch.manual_seed(args.seed)
     model = build_model(data.vocab, seq=data.seq, **size)
     path = Path(args.out) / f"model_{tag}_{size['hidden']}x{size['layers']}_{args.train_steps}.pt"
-    start = time.perf_counter()
+    with stopwatch() as watch:
+        _load_or_train(model, path, args, data)
+    model.eval()
+    return model, watch.seconds
+
+
+def _load_or_train(model: torch.nn.Module, path: Path, args, data: CharData) -> None:
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
     else:
@@ -118,52 +123,48 @@ def trained_model(args, data: CharData, tag: str, size: dict) -> tuple[torch.nn.
             sched.step()
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
-    model.eval()
-    return model, time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------------- curvature
 class Streamed(FisherCurvature):
-    """The streaming Fisher, with the dense-model step built once (timed) and reused for every target.
+    """The streaming Fisher, timed, with the dense-model operator built once and reused for every target.
 
-    The step at the dense weights is identical for every sparsity, so it is built once by the script with
-    the same pieces ``FisherCurvature.prepare`` uses (``stream_grads`` + ``BlockFisherAccumulator``), which
-    also times collection and build apart; later (recomputation) steps run ``prepare`` itself.
+    The operator at the dense weights is identical for every sparsity, so it is built once (through the
+    streaming route's hook, :meth:`_build_streamed`, with collection and build timed apart) and kept in
+    ``cache``; later (recomputation) steps at pruned weights build their own.
     """
 
     def __init__(self, *, cache: dict, **kwargs) -> None:
         super().__init__(**kwargs)
         self.cache = cache
 
-    def build_dense(self, model: torch.nn.Module, space: ParamSpace) -> dict:
+    def _build_streamed(self, model: torch.nn.Module, space: ParamSpace):
+        key = (space.kept_dim, self.ngrads)
+        if space.kept_dim == space.dim and key in self.cache:
+            entry = self.cache[key]
+            self.last_damp = entry["damp"]
+            return entry["finv"]
         acc = BlockFisherAccumulator(space.kept_dim, self.block_size, dtype=space.dtype)
         stream = stream_grads(
-            model, self.loss_fn, self.data, self.ngrads, chunk=self._chunk_rows(), params=space
+            model, self.loss_fn, self.data, self.ngrads, chunk=self.chunk_rows(), params=space,
+            masked=space.has_masks, **self.collect,
         )
         collect = build = 0.0
         while True:
-            t0 = time.perf_counter()
-            chunk = next(stream, None)
-            t1 = time.perf_counter()
-            collect += t1 - t0
+            with stopwatch() as wait:
+                chunk = next(stream, None)
+            collect += wait.seconds
             if chunk is None:
                 break
-            acc.add(chunk)
-            build += time.perf_counter() - t1
-        t0 = time.perf_counter()
-        finv = acc.finalize(self._damp_for(acc))
-        diag = finv.diag()
-        build += time.perf_counter() - t0
-        return {"finv": finv, "diag": diag, "collect_s": collect, "build_s": build, "damp": self.last_damp}
-
-    def prepare(self, model, space: ParamSpace) -> None:
-        key = (space.kept_dim, self.ngrads)
-        if space.kept_dim != space.dim or key not in self.cache:
-            super().prepare(model, space)
-            return
-        self.release()
-        entry = self.cache[key]
-        self._finv, self._diag, self.last_damp = entry["finv"], entry["diag"], entry["damp"]
+            with stopwatch() as fold:
+                acc.add(chunk)
+            build += fold.seconds
+        with stopwatch() as fin:
+            finv = acc.finalize(self._damp_for(acc))
+        build += fin.seconds
+        if space.kept_dim == space.dim:
+            self.cache[key] = {"finv": finv, "collect_s": collect, "build_s": build, "damp": self.last_damp}
+        return finv
 
 
 class Materialised(FisherCurvature):
@@ -199,12 +200,13 @@ def run_big(args, data: CharData, val, record: dict) -> None:
         space = ParamSpace.from_module(model, names)
         rss_before = current_rss()
         reset_ok = reset_peak()
-        entry = cache[(d, m)] = curv.build_dense(model, space)
+        curv._build_streamed(model, space)  # the dense-model step, timed and cached
+        entry = cache[(d, m)]
         peak = peak_rss(reset_ok)
         big.update(
             collect_s=entry["collect_s"], build_s=entry["build_s"], rss_before=rss_before, peak_rss=peak,
             stats_bytes=entry["finv"].inverse_blocks.numel() * 4, g_bytes=m * d * 4,
-            chunk_bytes=curv._chunk_rows() * d * 4, peak_reset=reset_ok,
+            chunk_bytes=curv.chunk_rows() * d * 4, peak_reset=reset_ok,
         )
         print(
             f"  dense step: collect {entry['collect_s']:.1f} s, build {entry['build_s']:.1f} s; peak RSS "
@@ -219,13 +221,9 @@ def run_big(args, data: CharData, val, record: dict) -> None:
             del pruned
         if "mfac" in args.methods:
             pruned = copy.deepcopy(model)
-            full = ParamSpace.from_module(pruned, names)
-            keep = {n: torch.ones_like(p, dtype=torch.bool) for n, p in full.named_params()}
-            t0 = time.perf_counter()
-            from mfac.prune.pruner import _selectors
-
-            prune_with(pruned, curv, _selectors(keep, s, 1, None, "global"), names, keep, "joint")
-            select_s = time.perf_counter() - t0
+            with stopwatch() as watch:
+                prune_oneshot(pruned, None, None, s, params=names, curvature=curv)  # the cached operator
+            select_s = watch.seconds
             big["runs"].append(
                 {"method": "M-FAC block (stream)", "sparsity": s, "recompute": 1,
                  "loss": evaluate(pruned, val), "select_update_s": select_s}
@@ -244,11 +242,11 @@ def run_big(args, data: CharData, val, record: dict) -> None:
             cache=cache if mk == m else {}, loss_fn=loss_fn, data=calib, ngrads=mk, damp=args.damp,
             block_size=block, relative_damp=True,
         )
-        t0 = time.perf_counter()
-        prune_oneshot(pruned, None, None, args.recompute_at, params=names, recompute=k, curvature=sweep)
+        with stopwatch() as watch:
+            prune_oneshot(pruned, None, None, args.recompute_at, params=names, recompute=k, curvature=sweep)
         big["runs"].append(
             {"method": "M-FAC block (stream)", "sparsity": args.recompute_at, "recompute": k, "ngrads": mk,
-             "loss": evaluate(pruned, val), "total_s": time.perf_counter() - t0}
+             "loss": evaluate(pruned, val), "total_s": watch.seconds}
         )
         print(f"  recompute {k} (m = {mk} per step) at {args.recompute_at}: {big['runs'][-1]['loss']:.4f}")
         del pruned
@@ -257,10 +255,10 @@ def run_big(args, data: CharData, val, record: dict) -> None:
 def run_layerwise(model, names, calib, s, val) -> dict:
     """``mfac.prune_layerwise`` (layer-wise SparseGPT, its defaults) on the same calibration windows."""
     pruned = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    mfac.prune_layerwise(pruned, calib, s, targets=names, forward_fn=lambda m, b: m(input_ids=b))
+    with stopwatch() as watch:
+        mfac.prune_layerwise(pruned, calib, s, targets=names, forward_fn=lambda m, b: m(input_ids=b))
     return {"method": "SparseGPT (layer-wise)", "sparsity": s, "loss": evaluate(pruned, val),
-            "total_s": time.perf_counter() - t0}
+            "total_s": watch.seconds}
 
 
 def run_small(args, data: CharData, val, record: dict) -> None:
@@ -282,11 +280,13 @@ def run_small(args, data: CharData, val, record: dict) -> None:
             curv = cls(loss_fn, calib, ngrads=m, damp=args.damp, block_size=args.block, relative_damp=True)
             reset_ok = reset_peak()
             base = current_rss()
-            t0 = time.perf_counter()
-            prune_oneshot(pruned, None, None, args.recompute_at, params=names, recompute=k, curvature=curv)
+            with stopwatch() as watch:
+                prune_oneshot(
+                    pruned, None, None, args.recompute_at, params=names, recompute=k, curvature=curv
+                )
             small["runs"].append({
                 "route": route, "recompute": k, "sparsity": args.recompute_at, "loss": evaluate(pruned, val),
-                "total_s": time.perf_counter() - t0, "peak_over_base": peak_rss(reset_ok) - base,
+                "total_s": watch.seconds, "peak_over_base": peak_rss(reset_ok) - base,
             })
             r = small["runs"][-1]
             print(f"  {route}, recompute {k}: loss {r['loss']:.4f} ({r['total_s']:.1f} s)")
@@ -463,14 +463,15 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     data = CharData(load_text(args.chars), args.seq)
     val = data.windows(data.val, args.val_batches, 8, args.seed + 100)
+    run = RunRecord(argv)
     record: dict = {"args": vars(args), "recompute_at": args.recompute_at, "threads": torch.get_num_threads()}
-    start = time.perf_counter()
     if not args.no_big:
         run_big(args, data, val, record)
         (out / "results.json").write_text(json.dumps(jsonable(record), indent=1))  # if the rest is cut
     if not args.no_small:
         run_small(args, data, val, record)
-    record["total_s"] = time.perf_counter() - start
+    record["meta"] = run.finish()
+    record["total_s"] = record["meta"]["seconds"]
     print(report(record, out))
     print(f"total {record['total_s']:.0f} s")
 

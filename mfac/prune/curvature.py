@@ -203,10 +203,11 @@ class FisherCurvature(Curvature):
         if self.streams(k):
             block = min(self.block_size, k)
             nb = -(-k // block)
-            return (nb * block * block + self._chunk_rows() * k) * itemsize
+            return (nb * block * block + self.chunk_rows() * k) * itemsize
         return 2 * m * k * itemsize
 
-    def _chunk_rows(self) -> int:
+    def chunk_rows(self) -> int:
+        """Gradients per chunk of the streaming route: ``min(64, max(8, B // 2), ngrads)``."""
         return min(64, max(8, (self.block_size or 0) // 2), self.ngrads)
 
     def _check_memory(self, space: ParamSpace) -> None:
@@ -272,21 +273,29 @@ class FisherCurvature(Curvature):
         self.release()
         self._check_memory(space)
         if self.streams(space.kept_dim):
-            acc = BlockFisherAccumulator(
-                space.kept_dim, self.block_size, dtype=space.dtype, device=space.device
-            )
-            for chunk in stream_grads(
-                model, self.loss_fn, self.data, self.ngrads, chunk=self._chunk_rows(), params=space,
-                masked=space.has_masks, **self.collect,
-            ):
-                acc.add(chunk)
-            self._finv = acc.finalize(self._damp_for(acc))
+            self._finv = self._build_streamed(model, space)
             self._diag = self._finv.diag()
             return
         grads = self._gradients(model, space)  # shape: (m, k)
         self._finv = self._build(grads, self._damp_for(grads))
         self._grads = grads if self.retain_grads else None
         self._diag = self._finv.diag()
+
+    def _build_streamed(self, model: nn.Module, space: ParamSpace) -> InverseFisher:
+        """Return the block-diagonal ``F^{-1}`` from the gradient stream at the current weights.
+
+        The streaming route's hook: ``ngrads`` gradients over ``space``'s kept coordinates, in chunks of
+        :meth:`chunk_rows`, folded into a :class:`~mfac.fisher.BlockFisherAccumulator` and finalised with
+        the damp of :meth:`_damp_for` (sets :attr:`last_damp`). A subclass may time the pieces or return
+        an operator it built before at the same weights (several targets from one model).
+        """
+        acc = BlockFisherAccumulator(space.kept_dim, self.block_size, dtype=space.dtype, device=space.device)
+        for chunk in stream_grads(
+            model, self.loss_fn, self.data, self.ngrads, chunk=self.chunk_rows(), params=space,
+            masked=space.has_masks, **self.collect,
+        ):
+            acc.add(chunk)
+        return acc.finalize(self._damp_for(acc))
 
     def _build(self, grads: torch.Tensor, damp: float) -> InverseFisher:
         """Return ``F^{-1}`` of ``grads`` ``(m, k)`` with the absolute ``damp`` (materialised route's hook).
