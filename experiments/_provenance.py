@@ -59,6 +59,12 @@ def commit_label(meta: dict[str, Any]) -> str:
     return meta["commit"] + (f" +dirty ({', '.join(dirty)})" if dirty else "")
 
 
+def load_label(meta: dict[str, Any], when: str) -> str:
+    """The 1-minute load average ``when`` (``"before"`` / ``"after"``) the run, from a run record."""
+    load = meta.get(f"load_avg_{when}")
+    return "-" if not load else f"{load[0]:.1f}"
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` says."""
     try:

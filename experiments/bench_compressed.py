@@ -125,12 +125,12 @@ def _build(kind: float | None, m: int, d: int, grads: list[torch.Tensor]) -> tup
     return op, current_rss() - before
 
 
-def step(m: int, d: int, repeats: int) -> list[str]:
-    grads = _grads(d, 16)
-    kinds: list[float | None] = [None, 0.1, 0.01, 0.001]
-    ops, rss = {}, {}
-    for kind in kinds:
-        ops[kind], rss[kind] = _build(kind, m, d, grads)
+def _cycling_steps(grads: list[torch.Tensor]):
+    """``stepper(op)``: a callable taking one ``op.update_mul`` step per call on the next of ``grads``.
+
+    One counter is shared by every operator's stepper, so interleaved operators see different gradients
+    in turn (a repeated gradient would send a window down its float64 fallback).
+    """
     counter = {"i": 0}
 
     def stepper(op):
@@ -138,6 +138,17 @@ def step(m: int, d: int, repeats: int) -> list[str]:
             counter["i"] += 1
             return op.update_mul(grads[counter["i"] % len(grads)])
         return run
+
+    return stepper
+
+
+def step(m: int, d: int, repeats: int) -> list[str]:
+    grads = _grads(d, 16)
+    kinds: list[float | None] = [None, 0.1, 0.01, 0.001]
+    ops, rss = {}, {}
+    for kind in kinds:
+        ops[kind], rss[kind] = _build(kind, m, d, grads)
+    stepper = _cycling_steps(grads)
 
     names = {kind: "dense" if kind is None else f"density {kind}" for kind in kinds}
     res = time_interleaved({names[k]: stepper(ops[k]) for k in kinds}, repeats=repeats, warmup=1)
@@ -184,13 +195,7 @@ def storage(m: int, d: int, density: float, repeats: int) -> list[str]:
         reference = u if reference is None else reference
         change[name] = rel_err(u, reference)
         del twin
-    counter = {"i": 0}
-
-    def stepper(op):
-        def run():
-            counter["i"] += 1
-            return op.update_mul(grads[counter["i"] % len(grads)])
-        return run
+    stepper = _cycling_steps(grads)
 
     res = time_interleaved({name: stepper(op) for name, op in ops.items()}, repeats=repeats, warmup=1)
     base = res[next(iter(ops))]["median"]

@@ -34,7 +34,7 @@ from experiments._data import load_split, minibatches
 from experiments._measure import stopwatch, time_interleaved, two_pass_floor
 from experiments._metrics import evaluate, mean_std, rel_err_max
 from experiments._models import build_model, count_parameters
-from experiments._provenance import RunRecord, commit_label
+from experiments._provenance import RunRecord, commit_label, load_label
 from experiments._report import fmt_d, fmt_e, fmt_x, jsonable, md_head, md_row
 from experiments.bench_core import (
     GradientGenerator,
@@ -178,18 +178,12 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.4f}" if len(values) < 2 else f"{mean:.4f} ± {std:.4f}"
 
 
-def _load1(meta: dict, when: str) -> str:
-    """The 1-minute load average ``when`` ("before" / "after") the run, from the run record."""
-    load = meta.get(f"load_avg_{when}")
-    return "-" if not load else f"{load[0]:.1f}"
-
-
 def render(res: dict) -> str:
     meta = res["meta"]
     lines = [
         "# The bfloat16 window against the float32 window", "",
         f"{meta['date']}, mfac at {commit_label(meta)}; torch {meta['torch']}, {meta['threads']} threads; "
-        f"load average (1 min) {_load1(meta, 'before')} before, {_load1(meta, 'after')} after.", "",
+        f"load average (1 min) {load_label(meta, 'before')} before, {load_label(meta, 'after')} after.", "",
     ]
     if res["accuracy"]:
         lines += ["## Accuracy of one step (max-norm relative error)", "",

@@ -30,7 +30,7 @@ from experiments import _peer_code as peers
 from experiments._measure import time_interleaved, two_pass_floor
 from experiments._metrics import rel_err_max
 from experiments._models import count_parameters, resnet20_like
-from experiments._provenance import RunRecord, commit_label
+from experiments._provenance import RunRecord, commit_label, load_label
 from experiments._report import fmt_d, fmt_e, fmt_x, jsonable, md_head, md_row
 from experiments.bench_core import (
     GradientGenerator,
@@ -188,12 +188,6 @@ def scale(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _load1(meta: dict, when: str) -> str:
-    """The 1-minute load average ``when`` ("before" / "after") the run, from the run record."""
-    load = meta.get(f"load_avg_{when}")
-    return "-" if not load else f"{load[0]:.1f}"
-
-
 def render(res: dict) -> str:
     meta = res["meta"]
     lines = [
@@ -201,7 +195,7 @@ def render(res: dict) -> str:
         "",
         f"{meta['date']}, mfac at {commit_label(meta)}; torch {meta['torch']}, {meta['threads']} threads; "
         f"float32, damp {meta['damp']:g}; median of {meta['repeats']} after {meta['warmup']} warm-up, "
-        f"interleaved; load average (1 min) {_load1(meta, 'before')} before, {_load1(meta, 'after')} "
+        f"interleaved; load average (1 min) {load_label(meta, 'before')} before, {load_label(meta, 'after')} "
         f"after; paper's code: {meta['paper_code']}; ista: {meta['ista']}.",
         "",
         "## Side by side: step / floor (floor = `G g + G^T c` on the same buffer) and float32 error",
