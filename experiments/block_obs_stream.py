@@ -144,6 +144,18 @@ class Streamed(FisherCurvature):
             entry = self.cache[key]
             self.last_damp = entry["damp"]
             return entry["finv"]
+        acc, collect, build = self.accumulate(model, space)
+        with stopwatch() as fin:
+            finv = acc.finalize(self._damp_for(acc))
+        build += fin.seconds
+        if space.kept_dim == space.dim:
+            self.cache[key] = {"finv": finv, "collect_s": collect, "build_s": build, "damp": self.last_damp}
+        return finv
+
+    def accumulate(
+        self, model: torch.nn.Module, space: ParamSpace
+    ) -> tuple[BlockFisherAccumulator, float, float]:
+        """The block statistics of ``ngrads`` streamed gradients, with collection and folding timed apart."""
         acc = BlockFisherAccumulator(space.kept_dim, self.block_size, dtype=space.dtype)
         stream = stream_grads(
             model, self.loss_fn, self.data, self.ngrads, chunk=self.chunk_rows(), params=space,
@@ -155,16 +167,10 @@ class Streamed(FisherCurvature):
                 chunk = next(stream, None)
             collect += wait.seconds
             if chunk is None:
-                break
+                return acc, collect, build
             with stopwatch() as fold:
                 acc.add(chunk)
             build += fold.seconds
-        with stopwatch() as fin:
-            finv = acc.finalize(self._damp_for(acc))
-        build += fin.seconds
-        if space.kept_dim == space.dim:
-            self.cache[key] = {"finv": finv, "collect_s": collect, "build_s": build, "damp": self.last_damp}
-        return finv
 
 
 class Materialised(FisherCurvature):
@@ -233,6 +239,9 @@ def run_big(args, data: CharData, val, record: dict) -> None:
         if "sparsegpt" in args.methods:
             big["runs"].append(run_layerwise(model, names, calib, s, val))
             print(f"  s={s}: SparseGPT {big['runs'][-1]['loss']:.4f} ({big['runs'][-1]['total_s']:.1f} s)")
+    if args.damp_sweep:
+        select = data.windows(data.train, args.select_batches, 8, args.seed + 200)
+        run_damp_sweep(args, model, names, calib, val, select, big)
     for k in args.recompute:
         if k == 1:
             continue
@@ -250,6 +259,50 @@ def run_big(args, data: CharData, val, record: dict) -> None:
         )
         print(f"  recompute {k} (m = {mk} per step) at {args.recompute_at}: {big['runs'][-1]['loss']:.4f}")
         del pruned
+
+
+def run_damp_sweep(args, model, names, calib, val, select, big: dict) -> None:
+    """Relative damps from one pass over the gradients; the damp of each sparsity chosen on ``select``.
+
+    The block statistics are collected once and kept (``finalize(damp, keep=True)``), one operator per
+    damp. ``select`` is training text outside the calibration windows, so the choice never sees the
+    validation windows the tables report.
+    """
+    m, d = args.ngrads, big["d"]
+    space = ParamSpace.from_module(model, names)
+    curv = Streamed(
+        cache={}, loss_fn=loss_fn, data=calib, ngrads=m, damp=args.damp, block_size=args.block,
+        relative_damp=True,
+    )
+    acc, collect, build = curv.accumulate(model, space)
+    big["sweep"] = sweep = {"collect_s": collect, "build_s": build, "rows": [], "magnitude_select": {}}
+    print(f"  damp sweep: collect {collect:.1f} s, block statistics {build:.1f} s")
+    for s in args.sparsities:
+        pruned = copy.deepcopy(model)
+        mfac.prune.magnitude_prune(pruned, s, params=names)
+        sweep["magnitude_select"][s] = evaluate(pruned, select)
+        del pruned
+    for rel in args.damp_sweep:
+        curv.damp = rel
+        absolute = curv._damp_for(acc)
+        with stopwatch() as fin:
+            finv = acc.finalize(absolute, keep=True)
+        curv.cache = {(d, m): {"finv": finv, "damp": absolute}}
+        for s in args.sparsities:
+            pruned = copy.deepcopy(model)
+            prune_oneshot(pruned, None, None, s, params=names, curvature=curv)
+            row = {"damp": rel, "absolute_damp": absolute, "sparsity": s, "finalize_s": fin.seconds,
+                   "select": evaluate(pruned, select), "loss": evaluate(pruned, val)}
+            sweep["rows"].append(row)
+            print(f"  damp {rel:g} (absolute {absolute:.3g}), s={s}: select {row['select']:.4f}, "
+                  f"val {row['loss']:.4f}")
+            del pruned
+        curv.cache = {}
+        del finv
+    for s in args.sparsities:
+        best = min((r for r in sweep["rows"] if r["sparsity"] == s), key=lambda r: r["select"])
+        big["runs"].append({"method": "M-FAC block (damp chosen)", "sparsity": s, "recompute": 1,
+                            "damp": best["damp"], "loss": best["loss"]})
 
 
 def run_layerwise(model, names, calib, s, val) -> dict:
@@ -323,6 +376,27 @@ def big_report(record: dict) -> list[str]:
     if "peak_rss" in big:  # the dense-model step ran (the "mfac" method)
         lines += memory_report(big)
     lines += one_shot_report(record)
+    if "sweep" in big:
+        lines += sweep_report(big)
+    return lines
+
+
+def sweep_report(big: dict) -> list[str]:
+    sweep = big["sweep"]
+    damps = sorted({r["damp"] for r in sweep["rows"]})
+    lines = ["", f"Damp sweep (relative damp; one gradient pass: collection {sweep['collect_s']:.0f} s, "
+             f"block statistics {sweep['build_s']:.0f} s): validation loss, in brackets the loss on "
+             "held-out training windows that choose the damp (* chosen):", "",
+             md_head(["sparsity", "magnitude", *[f"damp {x:g}" for x in damps]])]
+    for s in sorted({r["sparsity"] for r in sweep["rows"]}):
+        rows = {r["damp"]: r for r in sweep["rows"] if r["sparsity"] == s}
+        best = min(rows.values(), key=lambda r: r["select"])["damp"]
+        mag = next(r["loss"] for r in big["runs"] if r["method"] == "magnitude" and r["sparsity"] == s) \
+            if any(r["method"] == "magnitude" and r["sparsity"] == s for r in big["runs"]) else None
+        cells = [f"{rows[x]['loss']:.4f} ({rows[x]['select']:.4f}){'*' if x == best else ''}" if x in rows
+                 else "-" for x in damps]
+        mag_cell = "-" if mag is None else f"{mag:.4f} ({sweep['magnitude_select'][s]:.4f})"
+        lines.append(md_row([f"{s:.0%}", mag_cell, *cells]))
     return lines
 
 
@@ -352,7 +426,8 @@ def memory_report(big: dict) -> list[str]:
 def one_shot_report(record: dict) -> list[str]:
     big = record["big"]
     lines = ["", "Validation loss (perplexity), one-shot, joint update:", ""]
-    methods = [m for m in ("magnitude", "M-FAC block (stream)", "SparseGPT (layer-wise)")
+    methods = [m for m in ("magnitude", "M-FAC block (stream)", "M-FAC block (damp chosen)",
+                           "SparseGPT (layer-wise)")
                if any(r["method"] == m for r in big["runs"])]
     lines.append(md_head(["sparsity", *methods]))
     for s in sorted({r["sparsity"] for r in big["runs"] if r.get("recompute", 1) == 1}):
@@ -364,7 +439,7 @@ def one_shot_report(record: dict) -> list[str]:
             ]
             cells.append(ppl(hit[0]["loss"]) if hit else "-")
         lines.append(md_row([f"{s:.0%}", *cells]))
-    rec = [r for r in big["runs"] if r["method"].startswith("M-FAC") and "recompute" in r]
+    rec = [r for r in big["runs"] if r["method"] == "M-FAC block (stream)" and "recompute" in r]
     at = [r for r in rec if r["recompute"] > 1 or r["sparsity"] == record["recompute_at"]]
     if at:
         lines += ["", f"Recomputation at {record['recompute_at']:.0%}:", "",
@@ -396,7 +471,9 @@ def plot(record: dict, path: Path) -> None:
 
     big = record["big"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for meth, marker in (("magnitude", "s"), ("M-FAC block (stream)", "o"), ("SparseGPT (layer-wise)", "^")):
+    marks = (("magnitude", "s"), ("M-FAC block (stream)", "o"), ("M-FAC block (damp chosen)", "D"),
+             ("SparseGPT (layer-wise)", "^"))
+    for meth, marker in marks:
         pts = sorted((r["sparsity"], r["loss"]) for r in big["runs"] if r["method"] == meth
                      and r.get("recompute", 1) == 1 and r["loss"] is not None)
         if pts:
@@ -442,6 +519,9 @@ def main(argv=None) -> None:
     add("--methods", nargs="+", choices=["magnitude", "mfac", "sparsegpt"],
         default=["magnitude", "mfac", "sparsegpt"], help="the big model's one-shot rows (runs can be split)")
     add("--val-batches", type=int, default=8)
+    add("--damp-sweep", type=float, nargs="*", default=[],
+        help="relative damps from one gradient pass, each sparsity's chosen on held-out training windows")
+    add("--select-batches", type=int, default=16, help="batches of 8 training windows to choose the damp on")
     add("--small-hidden", type=int, default=128)
     add("--small-layers", type=int, default=2)
     add("--small-inter", type=int, default=352)
@@ -456,6 +536,7 @@ def main(argv=None) -> None:
         args.chars, args.seq, args.hidden, args.layers, args.inter, args.heads = 20_000, 16, 32, 1, 64, 2
         args.train_steps, args.train_batch, args.ngrads, args.block = 3, 4, 12, 5
         args.sparsities, args.recompute, args.val_batches = [0.5, 0.8], [1, 2], 2
+        args.damp_sweep, args.select_batches = args.damp_sweep and [0.1, 1.0], 2
         args.small_hidden, args.small_layers, args.small_inter, args.small_ngrads = 16, 1, 32, 8
         args.small_recompute = [1, 4]
     out = Path(args.out)

@@ -182,6 +182,41 @@ def test_accumulator_errors_leave_the_statistics_unchanged():
         BlockFisherAccumulator(6, 0)
 
 
+def test_finalize_keep_sweeps_damps_from_one_pass_and_can_go_on_adding():
+    """``keep=True``: each damp's operator equals a fresh accumulator's; the statistics stay usable.
+
+    Catches: keep still finalizing in place (the second damp would invert an inverse), the statistics
+    divided by ``m`` or damped in place, ``ngrads`` reset.
+    """
+    torch.manual_seed(3)
+    d, block, m = 11, 4, 7
+    grads = torch.randn(m + 2, d, dtype=torch.float64)
+    acc = BlockFisherAccumulator(d, block, dtype=torch.float64)
+    acc.add(grads[:m])
+    before = acc._stats.clone()
+    for damp in (1e-3, 0.5, 10.0):
+        op = acc.finalize(damp, keep=True)
+        torch.testing.assert_close(op.to_dense(), per_block_inverse(grads[:m], damp, block), rtol=1e-12, atol=0)
+        assert op.ngrads == m
+    torch.testing.assert_close(acc._stats, before, rtol=0, atol=0)
+    acc.add(grads[m:])
+    torch.testing.assert_close(
+        acc.finalize(0.5).to_dense(), per_block_inverse(grads, 0.5, block), rtol=1e-12, atol=0
+    )
+    with pytest.raises(RuntimeError, match="already"):
+        acc.finalize(0.5)
+
+
+def test_finalize_overflow_leaves_the_accumulator_usable():
+    """Squares that overflow float32 statistics: ``ValueError`` before the in-place inversion starts."""
+    acc = BlockFisherAccumulator(6, 4)  # float32 statistics, finalized in place
+    acc.add(torch.full((2, 6), 3e19))  # 9e38 * 2 overflows float32
+    with pytest.raises(ValueError, match="overflow"):
+        acc.finalize(0.5)
+    assert acc.nbytes > 0 and acc.ngrads == 2  # not used up: the statistics are intact
+    assert bool(torch.isinf(acc._stats.diagonal(dim1=-2, dim2=-1)).any())
+
+
 def test_group_saliency_and_updates_on_a_quadratic_equal_brute_force():
     """Loss 1/2 dw^T F dw: removing group Q (dw_Q = -w_Q, the rest free) costs min over the rest; the
     group score is that minimum, its argmin the best group, the update the minimiser. Every choice of one

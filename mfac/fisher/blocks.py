@@ -296,32 +296,48 @@ class BlockFisherAccumulator:
             part = gb[start : start + per]
             stats[start : start + per] += part.mT @ part
 
+    def _check_finite_diagonal(self) -> None:
+        """``ValueError`` if a diagonal entry of the statistics is NaN/inf (``O(d)``; nothing changed)."""
+        if not bool(torch.isfinite(self._stats.diagonal(dim1=-2, dim2=-1)).all()):
+            raise ValueError(
+                "the block statistics' diagonal (squared gradient entries summed) has NaN or inf: the "
+                f"squares overflowed {self._acc_dtype} (rescale the loss, or accumulate_dtype=torch.float64)"
+            )
+
     def sq_norm_sum(self) -> float:
         """``sum_i |g_i|^2 = trace(sum_b A_b)`` in float64 (what ``relative_damp`` scales with)."""
         if self._stats is None:
             raise RuntimeError("finalize() was called: the statistics are gone")
         return float(self._stats.diagonal(dim1=-2, dim2=-1).sum(dtype=SMALL_DTYPE))
 
-    def finalize(self, damp: float) -> BlockInverseFisher:
+    def finalize(self, damp: float, *, keep: bool = False) -> BlockInverseFisher:
         """Invert every ``damp I + A_b / m`` (batched float64 Cholesky, slab by slab) into the operator.
 
-        The statistics' memory becomes the operator's when their dtype is the gradients' (in place); the
-        accumulator is used up afterwards.
+        Args:
+            damp: ``lambda > 0`` (absolute; see :meth:`sq_norm_sum` for a scale).
+            keep: keep the statistics, so that :meth:`finalize` can be called again with another ``damp``
+                (a damping sweep from one pass over the data) and :meth:`add` can go on. The operator
+                then gets memory of its own: ``nb * B^2 * bytes(dtype)`` more at the peak.
+
+        Without ``keep`` the statistics' memory becomes the operator's when their dtype is the gradients'
+        (in place), and the accumulator is used up afterwards.
 
         Raises:
-            ValueError: no gradient was added; a non-finite statistic (overflow).
+            ValueError: no gradient was added; a non-finite statistic (overflow). The accumulator is
+                unchanged then.
         """
         damp = check_damp(damp)
         if self._stats is None:
             raise RuntimeError("finalize() was called already")
         if self._ngrads == 0:
             raise ValueError("no gradients were added; add at least one row before finalize()")
-        stats, self._stats = self._stats, None
-        out = stats if stats.dtype == self._dtype else allocate(
-            tuple(stats.shape), self._dtype, self._device, "block inverses"
-        )
+        stats = self._stats
+        in_place = not keep and stats.dtype == self._dtype
+        out = stats if in_place else allocate(tuple(stats.shape), self._dtype, self._device, "block inverses")
         per = max(1, SLAB_ENTRIES // (self._block * self._block))
         jitter = 0.0
+        if in_place:  # a non-finite diagonal is caught before the first slab overwrites the statistics
+            self._check_finite_diagonal()
         for start in range(0, self._nblocks, per):
             stop = min(start + per, self._nblocks)
             inv, jit = invert_fisher_blocks(
@@ -329,6 +345,8 @@ class BlockFisherAccumulator:
             )
             jitter = max(jitter, jit)
             out[start:stop] = inv
+        if not keep:
+            self._stats = None
         del stats
         op = BlockInverseFisher(out, self._dim, damp, self._ngrads)
         op.jitter = jitter
