@@ -449,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shared-lr", type=float, default=None)
     p.add_argument("--optimizers", nargs="+", default=None, help="train only these (names as in the "
                    "tables; with --reuse-sweep, e.g. to add a row to an earlier run)")
+    p.add_argument("--seeds", type=int, default=None, help="train every optimizer on seeds 0 .. N-1 "
+                   "(default 3; the validation sweep always uses seed 0)")
     p.add_argument("--skip-resnet", action="store_true")
     p.add_argument("--diagnose", action="store_true", help="only the dense-vs-compressed step comparison "
                    "along one trajectory (writes OUT/diagnose.md)")
@@ -457,6 +459,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = Config.quick() if args.quick else Config()
     if args.datasets:
         cfg = replace(cfg, datasets=tuple(args.datasets))
+    if args.seeds is not None:
+        if args.seeds < 1:
+            p.error(f"--seeds must be >= 1, got {args.seeds}")
+        cfg = replace(cfg, seeds=tuple(range(args.seeds)))
     if (args.shared_damp is None) != (args.shared_lr is None):
         p.error("--shared-damp and --shared-lr go together")
     if args.shared_damp is not None:
