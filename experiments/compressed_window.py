@@ -451,6 +451,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "tables; with --reuse-sweep, e.g. to add a row to an earlier run)")
     p.add_argument("--seeds", type=int, default=None, help="train every optimizer on seeds 0 .. N-1 "
                    "(default 3; the validation sweep always uses seed 0)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of every training run on MNIST "
+                   "(default 6; the validation sweep uses the same)")
     p.add_argument("--skip-resnet", action="store_true")
     p.add_argument("--diagnose", action="store_true", help="only the dense-vs-compressed step comparison "
                    "along one trajectory (writes OUT/diagnose.md)")
@@ -463,6 +465,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.seeds < 1:
             p.error(f"--seeds must be >= 1, got {args.seeds}")
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
+    if args.epochs is not None:
+        if args.epochs < 1:
+            p.error(f"--epochs must be >= 1, got {args.epochs}")
+        cfg = replace(cfg, epochs={**cfg.epochs, "mnist": args.epochs})
     if (args.shared_damp is None) != (args.shared_lr is None):
         p.error("--shared-damp and --shared-lr go together")
     if args.shared_damp is not None:
