@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from experiments import _peer_code as peers
 from experiments._measure import time_interleaved, two_pass_floor
@@ -104,8 +105,23 @@ def side_by_side(m: int, d: int, args: argparse.Namespace, paper: Any, ista: Any
         truth = _float64_combine(window, torch.cholesky_solve(rhs, torch.linalg.cholesky(system)))[:, 0]
         for name, out in outs.items():
             row[f"{name}_err"] = rel_err_max(out, truth)
+    with _OpCount() as ops:  # one more steady-state step, on the spare row of the stream
+        op.update_mul(stream[counters["mfac"]])
+    row["mfac_ops"] = ops.count
     row["status"] = "ok"
     return row
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts the aten operations dispatched in the ``with`` block: the step's fixed cost is ~3 us each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _gram32(window: torch.Tensor, chunk: int = 1 << 15) -> torch.Tensor:
@@ -218,6 +234,12 @@ def render(res: dict) -> str:
               "floor's. (cpu): the same with this process's CPU time (`time.process_time`), which leaves "
               "out the time spent waiting for a core when other processes load the machine (memory "
               "contention stays in). min/min: fastest step over fastest floor.", ""]
+    counted = [r for r in res["side_by_side"] if r["status"] == "ok" and "mfac_ops" in r]
+    if counted:
+        lines += ["mfac aten operations per steady-state step (a dispatch-mode count of one more step; "
+                  "each costs a few us whatever m and d, the step's fixed cost): "
+                  + ", ".join(f"{r['mfac_ops']} at m = {r['m']}, d = {fmt_d(r['d'])}" for r in counted)
+                  + ".", ""]
     if res.get("scale"):
         lines += ["## Scale: `MFAC.step` against Adam (foreach) and one forward + backward", "",
                   md_head(["model", "d", "m", "window", "MFAC.step", "Adam.step", "fwd+bwd", "MFAC/Adam",

@@ -315,15 +315,15 @@ class SlabbedMatvec:
         if not self._whole:
             self._slabs = a.split(chunk, dim=1)
             self._parts = torch.empty(len(self._slabs), m, dtype=a.dtype, device=a.device)
+            self._part_rows = self._parts.unbind(0)  # the out= views, made once (not one select per slab)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``a @ x`` in float64, shape ``(m,)``, for ``x`` of shape ``(d,)``."""
         if self._whole:
             return torch.mv(self._a, x).to(SMALL_DTYPE)
-        parts = self._parts
-        for i, (slab, piece) in enumerate(zip(self._slabs, x.split(self.chunk), strict=True)):
-            torch.mv(slab, piece, out=parts[i])
-        return parts.sum(0, dtype=SMALL_DTYPE)
+        for slab, piece, part in zip(self._slabs, x.split(self.chunk), self._part_rows, strict=True):
+            torch.mv(slab, piece, out=part)
+        return self._parts.sum(0, dtype=SMALL_DTYPE)
 
 
 def accumulated_sqnorm(x: torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
