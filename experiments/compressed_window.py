@@ -147,10 +147,16 @@ def _hp_text(hp: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(hp.items()))
 
 
-def state_bytes(opt: torch.optim.Optimizer, curvature_only: bool = False) -> int:
+#: the window's m x m float64 state (Gram matrix and its inverse): the same for every density
+SMALL_STATE = ("gram", "inv")
+
+
+def state_bytes(opt: torch.optim.Optimizer, curvature_only: bool = False, rows_only: bool = False) -> int:
     """Bytes of every tensor in the optimizer's ``state_dict`` (window, accumulator, momentum, ...).
 
     ``curvature_only``: the M-FAC window's state alone (rows, accumulator, m x m matrices); 0 for others.
+    ``rows_only``: of that, what scales with ``d`` (the rows: dense, or values + indices; the error-feedback
+    accumulator), without the ``m x m`` matrices of :data:`SMALL_STATE`.
     """
     total = 0
 
@@ -166,8 +172,10 @@ def state_bytes(opt: torch.optim.Optimizer, curvature_only: bool = False) -> int
                 walk(v)
 
     state = opt.state_dict()["state"]
-    if curvature_only:
+    if curvature_only or rows_only:
         state = state.get(0, {}).get("mfac", {}).get("fisher") or {}
+    if rows_only:
+        state = {k: v for k, v in state.items() if k not in SMALL_STATE}
     walk(state)
     return total
 
@@ -206,6 +214,7 @@ def train_run(dataset: str, model_name: str, opt_name: str, seed: int, data: Spl
             "params": count_parameters(model), "steps": steps, "diverged": diverged,
             "train_loss": train_loss, "test_acc": test_acc, "state_bytes": state_bytes(opt),
             "window_bytes": state_bytes(opt, curvature_only=True),
+            "rows_bytes": state_bytes(opt, rows_only=True),
             "ms_per_optimizer_step": 1e3 * opt_time / max(steps, 1)}
 
 
@@ -269,7 +278,7 @@ def training_table(runs: list[dict], cfg: Config, names: list[str] | None = None
     names = optimizers(cfg) if names is None else names
     lines = [md_head(["data", "model (d)", "optimizer", "damp, lr", "test acc (%)", "vs dense M-FAC",
                       "final train loss", "optimizer state", "vs dense M-FAC", "of which window",
-                      "ms / optimizer step"])]
+                      "rows + accumulator vs dense rows", "ms / optimizer step"])]
     for dataset in cfg.datasets:
         for model in cfg.models:
             group = [r for r in runs if r["dataset"] == dataset and r["model"] == model]
@@ -277,6 +286,7 @@ def training_table(runs: list[dict], cfg: Config, names: list[str] | None = None
                 continue
             dense = [r for r in group if r["optimizer"] == "M-FAC dense"]
             dense_bytes = statistics.fmean(r["state_bytes"] for r in dense) if dense else math.nan
+            dense_rows = statistics.fmean(r.get("rows_bytes", math.nan) for r in dense) if dense else math.nan
             dense_acc = _mean_std([100 * r["test_acc"] for r in dense])[0] if dense else math.nan
             for opt in names:
                 rs = [r for r in group if r["optimizer"] == opt]
@@ -286,6 +296,7 @@ def training_table(runs: list[dict], cfg: Config, names: list[str] | None = None
                 loss, loss_std = _mean_std([r["train_loss"] for r in rs])
                 nbytes = statistics.fmean(r["state_bytes"] for r in rs)
                 window = statistics.fmean(r["window_bytes"] for r in rs)
+                rows = statistics.fmean(r.get("rows_bytes", math.nan) for r in rs)
                 ms = statistics.fmean(r["ms_per_optimizer_step"] for r in rs)
                 div = sum(r["diverged"] for r in rs)
                 lines.append(md_row([
@@ -293,7 +304,9 @@ def training_table(runs: list[dict], cfg: Config, names: list[str] | None = None
                     _hp_text(rs[0]["hp"]), f"{acc:.2f} ± {acc_std:.2f}", f"{acc - dense_acc:+.2f}",
                     f"{loss:.4f} ± {loss_std:.4f}", format_bytes(nbytes),
                     f"1/{dense_bytes / nbytes:.1f}" if nbytes else "-",
-                    format_bytes(window) if window else "-", f"{ms:.2f}",
+                    format_bytes(window) if window else "-",
+                    f"1/{dense_rows / rows:.1f}" if rows and math.isfinite(rows / dense_rows) else "-",
+                    f"{ms:.2f}",
                 ]))
     return lines
 

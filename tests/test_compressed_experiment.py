@@ -22,6 +22,12 @@ def test_quick_run_reports_every_optimizer_and_smaller_compressed_state(tmp_path
     sizes = [runs[f"M-FAC density {d:g}"]["window_bytes"] for d in (0.1, 0.01, 0.001)]
     assert dense["window_bytes"] > sizes[0] > sizes[1] >= sizes[2] > 0
     assert runs["M-FAC density 0.01 (bfloat16, int16)"]["window_bytes"] < sizes[1]
+    # rows + accumulator: the d-sized part; the m x m matrices (the same in every window) are left out
+    m = compressed_window.Config.quick().mfac_ngrads
+    assert dense["rows_bytes"] == m * dense["params"] * 4 == dense["window_bytes"] - 2 * m * m * 8
+    sparse = runs["M-FAC density 0.01"]
+    assert sparse["rows_bytes"] == sparse["window_bytes"] - 2 * m * m * 8
+    assert runs["Adam"]["rows_bytes"] == 0
     # every optimizer ran at its validated pick; the compact storage at its density's
     assert runs["M-FAC density 0.01 (bfloat16, int16)"]["hp"] == runs["M-FAC density 0.01"]["hp"]
     assert all(r["steps"] == dense["steps"] > 0 for r in runs.values())
