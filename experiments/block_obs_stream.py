@@ -185,6 +185,18 @@ def evaluate(model, val: list[torch.Tensor]) -> float:
     return evaluate_loss(model, loss_fn, val)
 
 
+def batch_losses(model, val: list[torch.Tensor]) -> list[float]:
+    """The loss of each validation batch (their mean is :func:`evaluate`'s): for paired differences."""
+    return [evaluate_loss(model, loss_fn, [batch]) for batch in val]
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of ``a - b`` over the batches (paired: the same windows)."""
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    se = float(diff.std(correction=1) / math.sqrt(len(a))) if len(a) > 1 else math.nan
+    return float(diff.mean()), se
+
+
 def run_big(args, data: CharData, val, record: dict) -> None:
     size = {"hidden": args.hidden, "layers": args.layers, "inter": args.inter, "heads": args.heads}
     model, train_s = trained_model(args, data, "big", size)
@@ -277,10 +289,12 @@ def run_damp_sweep(args, model, names, calib, val, select, big: dict) -> None:
     acc, collect, build = curv.accumulate(model, space)
     big["sweep"] = sweep = {"collect_s": collect, "build_s": build, "rows": [], "magnitude_select": {}}
     print(f"  damp sweep: collect {collect:.1f} s, block statistics {build:.1f} s")
+    sweep["magnitude_val_batches"] = {}
     for s in args.sparsities:
         pruned = copy.deepcopy(model)
         mfac.prune.magnitude_prune(pruned, s, params=names)
         sweep["magnitude_select"][s] = evaluate(pruned, select)
+        sweep["magnitude_val_batches"][s] = batch_losses(pruned, val)
         del pruned
     for rel in args.damp_sweep:
         curv.damp = rel
@@ -291,8 +305,10 @@ def run_damp_sweep(args, model, names, calib, val, select, big: dict) -> None:
         for s in args.sparsities:
             pruned = copy.deepcopy(model)
             prune_oneshot(pruned, None, None, s, params=names, curvature=curv)
+            per_batch = batch_losses(pruned, val)
             row = {"damp": rel, "absolute_damp": absolute, "sparsity": s, "finalize_s": fin.seconds,
-                   "select": evaluate(pruned, select), "loss": evaluate(pruned, val)}
+                   "select": evaluate(pruned, select), "loss": sum(per_batch) / len(per_batch),
+                   "val_batches": per_batch}
             sweep["rows"].append(row)
             print(f"  damp {rel:g} (absolute {absolute:.3g}), s={s}: select {row['select']:.4f}, "
                   f"val {row['loss']:.4f}")
@@ -397,6 +413,15 @@ def sweep_report(big: dict) -> list[str]:
                  else "-" for x in damps]
         mag_cell = "-" if mag is None else f"{mag:.4f} ({sweep['magnitude_select'][s]:.4f})"
         lines.append(md_row([f"{s:.0%}", mag_cell, *cells]))
+    lines += ["", "Chosen damp against magnitude, paired over the validation batches (mean difference of "
+              "the loss +- its standard error; negative: M-FAC better):", "",
+              md_head(["sparsity", "damp", "M-FAC - magnitude", "batches"])]
+    for s in sorted({r["sparsity"] for r in sweep["rows"]}):
+        best = min((r for r in sweep["rows"] if r["sparsity"] == s), key=lambda r: r["select"])
+        mag = sweep.get("magnitude_val_batches", {}).get(s)
+        if mag and best.get("val_batches"):
+            diff, se = paired_difference(best["val_batches"], mag)
+            lines.append(md_row([f"{s:.0%}", f"{best['damp']:g}", f"{diff:+.4f} +- {se:.4f}", len(mag)]))
     return lines
 
 

