@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from experiments import _peer_code as peers
-from experiments._measure import time_interleaved, two_pass_floor
+from experiments._measure import OpCount, time_interleaved, two_pass_floor
 from experiments._metrics import rel_err_max
 from experiments._models import count_parameters, resnet20_like
 from experiments._provenance import RunRecord, commit_label, load_label
@@ -105,23 +104,11 @@ def side_by_side(m: int, d: int, args: argparse.Namespace, paper: Any, ista: Any
         truth = _float64_combine(window, torch.cholesky_solve(rhs, torch.linalg.cholesky(system)))[:, 0]
         for name, out in outs.items():
             row[f"{name}_err"] = rel_err_max(out, truth)
-    with _OpCount() as ops:  # one more steady-state step, on the spare row of the stream
+    with OpCount() as ops:  # one more steady-state step, on the spare row of the stream
         op.update_mul(stream[counters["mfac"]])
     row["mfac_ops"] = ops.count
     row["status"] = "ok"
     return row
-
-
-class _OpCount(TorchDispatchMode):
-    """Counts the aten operations dispatched in the ``with`` block: the step's fixed cost is ~3 us each."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _gram32(window: torch.Tensor, chunk: int = 1 << 15) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mfac
+from experiments._measure import OpCount
 from tests.references import rel_err
 
 
@@ -61,18 +62,6 @@ def test_update_mul_synchronises_once_checked_and_never_unchecked(monkeypatch, a
         monkeypatch.undo()
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten operations dispatched inside the ``with`` block (each one a kernel launch)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 #: aten operations of one steady-state (rank-two) ``update_mul`` with 3 slabs in the ``G g`` pass, checked
 #: or not. The step's fixed cost (~3 us of dispatch and Python per operation, whatever m and d; on a
 #: GPU, one launch each) is this count; it was 96 checked and 95 unchecked before the small operations
@@ -90,7 +79,7 @@ def test_steady_state_step_dispatches_few_small_operations(check_finite):
     for g in grads[:-1]:
         op.update_mul(g, check_finite=check_finite)
     assert op.num_seen >= m and op._since_refactor < m - 1  # the next step is a rank-two update
-    with OpCounter() as counter:
+    with OpCount() as counter:
         op.update_mul(grads[-1], check_finite=check_finite)
     assert op._since_refactor >= 1  # it was: a refactored step would have reset the counter
     assert 40 <= counter.count <= MAX_STEP_OPS, counter.count
