@@ -417,7 +417,7 @@ class SlidingInverseFisher(SlidingCheckpoint, InverseFisher):
             return self._combination(coeff)
         logger.debug("update_mul: float32 combination cancels; redone in float64")
         out = self._combination_float64(coeff)
-        bound = coeff.abs() @ self._gram.diagonal()[:n].clamp_min(0.0).sqrt()
+        bound = self._combination_bound(coeff)
         square = torch.linalg.vector_norm(out, dtype=SMALL_DTYPE).square().reshape(1)
         self._reduce(square)  # |G^T c|^2 over every shard's coordinates
         norm = square.sqrt()
@@ -434,15 +434,20 @@ class SlidingInverseFisher(SlidingCheckpoint, InverseFisher):
         (``G G^T c``, or that of a vector within round-off of ``c``) saves the O(n^2) product when the
         caller has it. NaN compares False.
         """
-        n = coeff.shape[0]
-        if n == self._m:
-            gram, diag = self._gram, self._scratch_buffers().diag
-        else:
-            gram = self._gram[:n, :n]
-            diag = gram.diagonal()
-        bound = torch.dot(coeff.abs(), diag.clamp_min(0.0).sqrt_())
-        square = torch.dot(coeff, torch.mv(gram, coeff) if gram_coeff is None else gram_coeff)
+        bound = self._combination_bound(coeff)
+        if gram_coeff is None:
+            n = coeff.shape[0]
+            gram_coeff = torch.mv(self._gram if n == self._m else self._gram[:n, :n], coeff)
+        square = torch.dot(coeff, gram_coeff)
         return torch.addcmul(square, bound, bound, value=-1.0 / _CANCELLATION_LIMIT**2)
+
+    def _combination_bound(self, coeff: torch.Tensor) -> torch.Tensor:
+        """0-d: ``sum_i |c_i| |g_i|`` (``>= |G^T c|``, the scale of its rounding), from the Gram diagonal."""
+        return torch.dot(coeff.abs(), self._gram_diagonal(coeff.shape[0]).clamp_min(0.0).sqrt_())
+
+    def _gram_diagonal(self, n: int) -> torch.Tensor:
+        """Return the first ``n`` entries of the Gram diagonal (a view; the reused one when ``n = m``)."""
+        return self._scratch_buffers().diag if n == self._m else self._gram.diagonal()[:n]
 
     # ------------------------------------------------------------------ the staged step
     def _stage(self, grad: torch.Tensor, checked: bool = True) -> _Staged:
@@ -604,9 +609,7 @@ class SlidingInverseFisher(SlidingCheckpoint, InverseFisher):
         gram = self._gram
         if n < self._m:
             inv, gram = inv[:n, :n], gram[:n, :n]
-            diag = gram.diagonal()
-        else:
-            diag = self._scratch_buffers().diag
+        diag = self._gram_diagonal(n)
         c0 = inv[row] if pending is None else pending[2]  # P is symmetric: row r is column r
         gram_c0 = torch.mv(gram, c0)
         neg_resid = torch.add(gram_c0, c0, alpha=shift)  # -r = M c0 - e_r (the sign flips are exact)
