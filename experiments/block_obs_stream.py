@@ -190,6 +190,20 @@ def batch_losses(model, val: list[torch.Tensor]) -> list[float]:
     return [evaluate_loss(model, loss_fn, [batch]) for batch in val]
 
 
+def scored(model, val: list[torch.Tensor], select: list[torch.Tensor] | None = None) -> dict:
+    """Validation loss with its per-batch values, and the loss on ``select`` (damp choice) if given."""
+    per_batch = batch_losses(model, val)
+    out = {"loss": sum(per_batch) / len(per_batch), "val_batches": per_batch}
+    if select is not None:
+        out["select"] = evaluate(model, select)
+    return out
+
+
+def chosen(rows: list[dict], sparsity: float) -> dict:
+    """The sweep row of ``sparsity`` with the least held-out (``select``) loss."""
+    return min((r for r in rows if r["sparsity"] == sparsity), key=lambda r: r["select"])
+
+
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     """Mean and standard error of ``a - b`` over the batches (paired: the same windows)."""
     diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
@@ -230,11 +244,13 @@ def run_big(args, data: CharData, val, record: dict) -> None:
             f"  dense step: collect {entry['collect_s']:.1f} s, build {entry['build_s']:.1f} s; peak RSS "
             f"{format_bytes(peak)} vs m*d*4 = {format_bytes(m * d * 4)} ({peak / (m * d * 4):.3f}x)"
         )
+    # the damp sweep is chosen on held-out training windows and compared with magnitude on them too
+    select = data.windows(data.train, args.select_batches, 8, args.seed + 200) if args.damp_sweep else None
     for s in args.sparsities:
-        if "magnitude" in args.methods:
+        if "magnitude" in args.methods or args.damp_sweep:
             pruned = copy.deepcopy(model)
             mfac.prune.magnitude_prune(pruned, s, params=names)
-            big["runs"].append({"method": "magnitude", "sparsity": s, "loss": evaluate(pruned, val)})
+            big["runs"].append({"method": "magnitude", "sparsity": s, **scored(pruned, val, select)})
             print(f"  s={s}: magnitude {big['runs'][-1]['loss']:.4f}")
             del pruned
         if "mfac" in args.methods:
@@ -252,7 +268,6 @@ def run_big(args, data: CharData, val, record: dict) -> None:
             big["runs"].append(run_layerwise(model, names, calib, s, val))
             print(f"  s={s}: SparseGPT {big['runs'][-1]['loss']:.4f} ({big['runs'][-1]['total_s']:.1f} s)")
     if args.damp_sweep:
-        select = data.windows(data.train, args.select_batches, 8, args.seed + 200)
         run_damp_sweep(args, model, names, calib, val, select, big)
     for k in args.recompute:
         if k == 1:
@@ -287,15 +302,8 @@ def run_damp_sweep(args, model, names, calib, val, select, big: dict) -> None:
         relative_damp=True,
     )
     acc, collect, build = curv.accumulate(model, space)
-    big["sweep"] = sweep = {"collect_s": collect, "build_s": build, "rows": [], "magnitude_select": {}}
+    big["sweep"] = sweep = {"collect_s": collect, "build_s": build, "rows": []}
     print(f"  damp sweep: collect {collect:.1f} s, block statistics {build:.1f} s")
-    sweep["magnitude_val_batches"] = {}
-    for s in args.sparsities:
-        pruned = copy.deepcopy(model)
-        mfac.prune.magnitude_prune(pruned, s, params=names)
-        sweep["magnitude_select"][s] = evaluate(pruned, select)
-        sweep["magnitude_val_batches"][s] = batch_losses(pruned, val)
-        del pruned
     for rel in args.damp_sweep:
         curv.damp = rel
         absolute = curv._damp_for(acc)
@@ -305,10 +313,8 @@ def run_damp_sweep(args, model, names, calib, val, select, big: dict) -> None:
         for s in args.sparsities:
             pruned = copy.deepcopy(model)
             prune_oneshot(pruned, None, None, s, params=names, curvature=curv)
-            per_batch = batch_losses(pruned, val)
             row = {"damp": rel, "absolute_damp": absolute, "sparsity": s, "finalize_s": fin.seconds,
-                   "select": evaluate(pruned, select), "loss": sum(per_batch) / len(per_batch),
-                   "val_batches": per_batch}
+                   **scored(pruned, val, select)}
             sweep["rows"].append(row)
             print(f"  damp {rel:g} (absolute {absolute:.3g}), s={s}: select {row['select']:.4f}, "
                   f"val {row['loss']:.4f}")
@@ -316,7 +322,7 @@ def run_damp_sweep(args, model, names, calib, val, select, big: dict) -> None:
         curv.cache = {}
         del finv
     for s in args.sparsities:
-        best = min((r for r in sweep["rows"] if r["sparsity"] == s), key=lambda r: r["select"])
+        best = chosen(sweep["rows"], s)
         big["runs"].append({"method": "M-FAC block (damp chosen)", "sparsity": s, "recompute": 1,
                             "damp": best["damp"], "loss": best["loss"]})
 
@@ -406,23 +412,24 @@ def sweep_report(big: dict) -> list[str]:
              md_head(["sparsity", "magnitude", *[f"damp {x:g}" for x in damps]])]
     for s in sorted({r["sparsity"] for r in sweep["rows"]}):
         rows = {r["damp"]: r for r in sweep["rows"] if r["sparsity"] == s}
-        best = min(rows.values(), key=lambda r: r["select"])["damp"]
-        mag = next(r["loss"] for r in big["runs"] if r["method"] == "magnitude" and r["sparsity"] == s) \
-            if any(r["method"] == "magnitude" and r["sparsity"] == s for r in big["runs"]) else None
+        best = chosen(sweep["rows"], s)["damp"]
         cells = [f"{rows[x]['loss']:.4f} ({rows[x]['select']:.4f}){'*' if x == best else ''}" if x in rows
                  else "-" for x in damps]
-        mag_cell = "-" if mag is None else f"{mag:.4f} ({sweep['magnitude_select'][s]:.4f})"
-        lines.append(md_row([f"{s:.0%}", mag_cell, *cells]))
+        mag = _magnitude_run(big, s)
+        lines.append(md_row([f"{s:.0%}", f"{mag['loss']:.4f} ({mag['select']:.4f})", *cells]))
     lines += ["", "Chosen damp against magnitude, paired over the validation batches (mean difference of "
               "the loss +- its standard error; negative: M-FAC better):", "",
               md_head(["sparsity", "damp", "M-FAC - magnitude", "batches"])]
     for s in sorted({r["sparsity"] for r in sweep["rows"]}):
-        best = min((r for r in sweep["rows"] if r["sparsity"] == s), key=lambda r: r["select"])
-        mag = sweep.get("magnitude_val_batches", {}).get(s)
-        if mag and best.get("val_batches"):
-            diff, se = paired_difference(best["val_batches"], mag)
-            lines.append(md_row([f"{s:.0%}", f"{best['damp']:g}", f"{diff:+.4f} +- {se:.4f}", len(mag)]))
+        best, mag = chosen(sweep["rows"], s), _magnitude_run(big, s)["val_batches"]
+        diff, se = paired_difference(best["val_batches"], mag)
+        lines.append(md_row([f"{s:.0%}", f"{best['damp']:g}", f"{diff:+.4f} +- {se:.4f}", len(mag)]))
     return lines
+
+
+def _magnitude_run(big: dict, sparsity: float) -> dict:
+    """The magnitude row of ``sparsity`` (always run beside a damp sweep)."""
+    return next(r for r in big["runs"] if r["method"] == "magnitude" and r["sparsity"] == sparsity)
 
 
 def memory_report(big: dict) -> list[str]:
