@@ -81,20 +81,23 @@ def side_by_side(m: int, d: int, args: argparse.Namespace, paper: Any, ista: Any
         fns["ista"] = stepper(
             "ista", lambda g: contenders["ista"].integrate_gradient_and_precondition(g, g))
     fns["floor"] = two_pass_floor(window, stream[0], coeff)
+    fns["bound"] = _floor_with_stage(window, stream[0], coeff, m, nsteps, args)
     with peers.lu_nopivot_shim():
         t = time_interleaved(fns, args.repeats, args.warmup)
         floor = t["floor"]["median"]
         for name in fns:
-            if name != "floor":
+            if name not in ("floor", "bound"):
                 row[f"{name}_s"] = t[name]["median"]
                 row[f"{name}_ratio"] = t[name]["median"] / floor
                 row[f"{name}_ratio_min"] = t[name]["min"] / t["floor"]["min"]
                 row[f"{name}_ratio_cpu"] = t[name]["cpu_median"] / t["floor"]["cpu_median"]
         row["floor_s"] = floor
+        row["bound_ratio_cpu"] = t["bound"]["cpu_median"] / t["floor"]["cpu_median"]
+        row["mfac_over_bound_cpu"] = t["mfac"]["cpu_median"] / t["bound"]["cpu_median"]
         # one aligned step of each on the same window, then the float64 truth for that window
         r = op.next_row
         assert all(counters[k] == counters["mfac"] for k in counters)
-        outs = {name: fns[name]() for name in fns if name != "floor"}
+        outs = {name: fns[name]() for name in fns if name not in ("floor", "bound")}
     if 2.0 * m * m * d <= args.max_gflop * 1e9:
         gram = _float64_gram(window)
         system = gram.clone()
@@ -109,6 +112,39 @@ def side_by_side(m: int, d: int, args: argparse.Namespace, paper: Any, ista: Any
     row["mfac_ops"] = ops.count
     row["status"] = "ok"
     return row
+
+
+def _twin_dim(m: int) -> int:
+    """``d`` of the twin window in :func:`_floor_with_stage`: ``>= 2 m`` (full-rank random rows), so its
+    own two passes read ``16 m^2`` bytes, half the step's four float64 ``m x m`` passes (``32 m^2``)."""
+    return max(2 * m, 256)
+
+
+def _floor_with_stage(window: torch.Tensor, g: torch.Tensor, c: torch.Tensor, m: int, nsteps: int,
+                      args: argparse.Namespace) -> Any:
+    """The floor's two passes with one steady-state step of a small twin window (same ``m``) between them.
+
+    The step's fixed cost (the ``m x m`` algebra, its checks, dispatch and Python) paid where the step
+    pays it, between two passes that stream the window through the caches: the best any step with this
+    ``m x m`` stage can do on this machine. ``mfac / bound`` is then the cost of mfac's own ``d``-sized
+    work (the row write and undo copy, the float64-accumulated slabs) over the two bare passes.
+    """
+    dim = _twin_dim(m)
+    gen = GradientGenerator(dim, seed=args.seed + 7)
+    twin = SlidingInverseFisher(dim, m, args.damp)
+    twin_window = twin.state_dict()["grads"]
+    gen.fill(twin_window, seed=args.seed + 8)
+    _load_steady_state(twin, accumulated_matmul(twin_window, twin_window.T))
+    rows = gen.rows(nsteps + 2, seed=args.seed + 9)
+    calls = [0]
+
+    def bound() -> None:
+        torch.mv(window, g)
+        twin.update_mul(rows[calls[0] % rows.shape[0]])
+        calls[0] += 1
+        torch.mv(window.T, c)
+
+    return bound
 
 
 def _gram32(window: torch.Tensor, chunk: int = 1 << 15) -> torch.Tensor:
@@ -204,23 +240,29 @@ def render(res: dict) -> str:
         "## Side by side: step / floor (floor = `G g + G^T c` on the same buffer) and float32 error",
         "",
         md_head(["m", "d", "mfac", "paper", "ista", "mfac (cpu)", "paper (cpu)", "ista (cpu)",
-                 "mfac (min/min)", "mfac err", "paper err", "ista err", "floor"]),
+                 "mfac (min/min)", "floor + stage (cpu)", "mfac / (floor + stage) (cpu)", "mfac err",
+                 "paper err", "ista err", "floor"]),
     ]
     for r in res["side_by_side"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['m']} | {fmt_d(r['d'])} | {r['status']} |" + " |" * 10)
+            lines.append(f"| {r['m']} | {fmt_d(r['d'])} | {r['status']} |" + " |" * 12)
             continue
         lines.append(md_row([
             r["m"], fmt_d(r["d"]), fmt_x(r.get("mfac_ratio")), fmt_x(r.get("paper_ratio")),
             fmt_x(r.get("ista_ratio")), fmt_x(r.get("mfac_ratio_cpu")), fmt_x(r.get("paper_ratio_cpu")),
-            fmt_x(r.get("ista_ratio_cpu")), fmt_x(r.get("mfac_ratio_min")), fmt_e(r.get("mfac_err")),
+            fmt_x(r.get("ista_ratio_cpu")), fmt_x(r.get("mfac_ratio_min")),
+            fmt_x(r.get("bound_ratio_cpu")), fmt_x(r.get("mfac_over_bound_cpu")), fmt_e(r.get("mfac_err")),
             fmt_e(r.get("paper_err")), fmt_e(r.get("ista_err")), f"{r['floor_s'] * 1e3:.1f} ms",
         ]))
     lines += ["", "err: max-norm relative error of the step against the float64 truth on the same "
               "float32 window ('-': above --max-gflop). mfac / paper / ista: median wall time over the "
               "floor's. (cpu): the same with this process's CPU time (`time.process_time`), which leaves "
               "out the time spent waiting for a core when other processes load the machine (memory "
-              "contention stays in). min/min: fastest step over fastest floor.", ""]
+              "contention stays in). min/min: fastest step over fastest floor. floor + stage: the floor's "
+              "two passes with one steady-state step of a twin window between them (the same m, d = "
+              "max(2 m, 256)): the fixed cost where the step pays it, after a pass has streamed the window "
+              "through the caches; over the floor it bounds any step with this m x m stage on this machine, "
+              "and mfac / (floor + stage) is the cost of mfac's d-sized work beyond the two passes.", ""]
     counted = [r for r in res["side_by_side"] if r["status"] == "ok" and "mfac_ops" in r]
     if counted:
         lines += ["mfac aten operations per steady-state step (a dispatch-mode count of one more step; "
