@@ -487,13 +487,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.shared_damp is not None:
         cfg = replace(cfg, shared=(args.shared_damp, args.shared_lr))
     args.out.mkdir(parents=True, exist_ok=True)
+    record = RunRecord(argv)
     if args.diagnose:
         lines, rows = diagnose(cfg, steps=8 if args.quick else 300)
+        results = {"diagnose": rows, "meta": record.finish(quick=args.quick, diagnose=True)}
         (args.out / "diagnose.md").write_text("\n".join(lines) + "\n")
-        (args.out / "diagnose.json").write_text(json.dumps(jsonable(rows), indent=1))
+        (args.out / "diagnose.json").write_text(json.dumps(jsonable(results), indent=1))
         print("\n".join(lines))
-        return {"diagnose": rows}
-    record = RunRecord(argv)
+        return results
     sweep_file = args.out / "sweep.json"
     saved = json.loads(sweep_file.read_text()) if args.reuse_sweep and sweep_file.exists() else {}
     chosen, sweep_runs = {}, []

@@ -529,7 +529,9 @@ CASES = [
     # --- selection
     ("select_global sparsity 2", lambda: mprune.select_global(SCORES, 2.0), ValueError, r"sparsity must lie in \[0, 1\], got 2.0"),
     ("select_global sparsity True", lambda: mprune.select_global(SCORES, True), TypeError, r"sparsity must be a float"),
-    ("select_global empty", lambda: mprune.select_global({}, 0.5), TypeError, r"scores must be a non-empty dict"),
+    ("select_global empty", lambda: mprune.select_global({}, 0.5), ValueError, r"scores must be a non-empty dict"),
+    ("select_per_layer empty", lambda: mprune.select_per_layer({}, 0.5), ValueError, r"non-empty dict.*got \{\}"),
+    ("select_global list", lambda: mprune.select_global([], 0.5), TypeError, r"scores must be a dict.*got list"),
     ("select_global NaN score", lambda: mprune.select_global({"a": torch.tensor([NAN, 1.0])}, 0.5), ValueError, r"score of 'a' has NaN"),
     ("select_global keep unknown", lambda: mprune.select_global(SCORES, 0.5, keep={"c": torch.ones(1, dtype=torch.bool)}),
      ValueError, r"keep masks given for parameters without scores: \['c'\]"),

@@ -40,7 +40,7 @@ def test_the_bound_is_the_two_passes_around_one_steady_state_step_of_the_same_m(
     m, d = 16, 3000
     args = argparse.Namespace(seed=0, damp=1e-5)
     window, g, c = torch.randn(m, d), torch.randn(d), torch.randn(m)
-    bound = bench_step._floor_with_stage(window, g, c, m, 4, args)
+    bound, twin_floor = bench_step._floor_with_stage(window, g, c, m, 4, args)
     with OpCount() as passes:
         two_pass_floor(window, g, c)()
     twin = SlidingInverseFisher(bench_step._twin_dim(m), m, 1e-5)
@@ -54,3 +54,6 @@ def test_the_bound_is_the_two_passes_around_one_steady_state_step_of_the_same_m(
     with OpCount() as step:
         twin.update_mul(torch.randn(twin.dim))
     assert passes.count >= 2 and bounded.count == step.count + passes.count
+    with OpCount() as twin_passes:
+        twin_floor()
+    assert twin_passes.count == passes.count  # the twin's two passes, subtracted from the bound

@@ -55,3 +55,11 @@ def test_bench_compressed_tiny_run_writes_tables_and_record(tmp_path, one_thread
     saved = json.loads((tmp_path / "bench_compressed.json").read_text())
     assert saved["markdown"] == text.rstrip("\n")
     assert saved["meta"]["m"] == 8 and saved["meta"]["threads"] == 1 and saved["meta"]["load_avg_after"]
+
+
+def test_quick_diagnose_writes_its_rows_with_the_run_record(tmp_path, one_thread):
+    results = compressed_window.main(["--quick", "--diagnose", "--out", str(tmp_path), "--threads", "1"])
+    saved = json.loads((tmp_path / "diagnose.json").read_text())
+    assert saved["diagnose"] and len(saved["diagnose"]) == len(results["diagnose"])
+    assert saved["meta"]["commit"] and saved["meta"]["diagnose"] is True and saved["meta"]["quick"] is True
+    assert (tmp_path / "diagnose.md").read_text().strip()

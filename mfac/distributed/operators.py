@@ -46,7 +46,7 @@ from mfac.distributed._comm import (
 )
 from mfac.distributed._layout import ShardSpec, _check_layout, _check_spec_for, _resolve_shard
 from mfac.fisher.base import check_grads
-from mfac.fisher.sliding import AVERAGE_OVER, SlidingInverseFisher
+from mfac.fisher.sliding import AVERAGE_OVER, WINDOW_CHUNK, SlidingInverseFisher
 from mfac.fisher.static import StaticInverseFisher
 from mfac.numerics import (
     DEFAULT_CHUNK,
@@ -205,7 +205,7 @@ class ShardedSlidingInverseFisher(_Sharded, SlidingInverseFisher):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         average_over: Literal["seen", "ngrads"] = "seen",
-        chunk: int = DEFAULT_CHUNK,
+        chunk: int = WINDOW_CHUNK,
     ) -> None:
         rank, world = self._init_group(process_group)
         error: BaseException | None = None

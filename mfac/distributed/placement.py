@@ -17,7 +17,7 @@ from mfac.distributed._comm import CommStats, _comm_device, _rank_world
 from mfac.distributed._layout import ShardSpec
 from mfac.distributed.fsdp import gather_full, local_tensor
 from mfac.distributed.operators import ShardedSlidingInverseFisher
-from mfac.numerics import DEFAULT_CHUNK
+from mfac.fisher.sliding import WINDOW_CHUNK
 from mfac.optim._placement import NonFiniteElsewhere
 
 __all__ = ["DistributedWindow"]
@@ -100,7 +100,7 @@ class DistributedWindow:
         dtype: torch.dtype,
         device: torch.device | str | None,
         average_over: Literal["seen", "ngrads"] = "seen",
-        chunk: int = DEFAULT_CHUNK,
+        chunk: int = WINDOW_CHUNK,
     ) -> ShardedSlidingInverseFisher:
         """Build the window (collective) over the optimizer's flat vector of ``dim`` coordinates.
 

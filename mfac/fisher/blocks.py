@@ -336,8 +336,9 @@ class BlockFisherAccumulator:
         out = stats if in_place else allocate(tuple(stats.shape), self._dtype, self._device, "block inverses")
         per = max(1, SLAB_ENTRIES // (self._block * self._block))
         jitter = 0.0
-        if in_place:  # a non-finite diagonal is caught before the first slab overwrites the statistics
-            self._check_finite_diagonal()
+        # a non-finite diagonal is caught before the first slab (which may overwrite the statistics), and
+        # with one message whether or not they are kept
+        self._check_finite_diagonal()
         for start in range(0, self._nblocks, per):
             stop = min(start + per, self._nblocks)
             inv, jit = invert_fisher_blocks(

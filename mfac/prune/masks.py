@@ -62,8 +62,11 @@ def prune_count(numel: int, sparsity: float) -> int:
 
 
 def _check_scores(scores: Tensors, keep: Tensors | None) -> dict[str, torch.Tensor]:
-    if not isinstance(scores, Mapping) or not scores:
-        raise TypeError("scores must be a non-empty dict {name: tensor shaped like the parameter}")
+    if not isinstance(scores, Mapping):
+        raise TypeError("scores must be a dict {name: tensor shaped like the parameter}, got "
+                        f"{type(scores).__name__}")
+    if not scores:
+        raise ValueError("scores must be a non-empty dict {name: tensor shaped like the parameter}, got {}")
     for name, s in scores.items():
         if not isinstance(s, torch.Tensor):
             raise TypeError(f"score of {name!r} must be a torch.Tensor, got {type(s).__name__}")
