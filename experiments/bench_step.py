@@ -43,7 +43,9 @@ from mfac.numerics import accumulated_matmul
 
 GIB = 2**30
 #: the timed callables that are not steppers: the floor and the fixed-cost bound (``_floor_with_stage``)
-AUXILIARY = ("floor", "bound", "twin_floor")
+AUXILIARY = ("floor", "bound", "twin_floor", "op_probe")
+#: small in-place operations run between the floor's passes to price one dispatched operation in place
+PROBE_OPS = 40
 
 
 def side_by_side(m: int, d: int, args: argparse.Namespace, paper: Any, ista: Any) -> dict:
@@ -84,6 +86,7 @@ def side_by_side(m: int, d: int, args: argparse.Namespace, paper: Any, ista: Any
             "ista", lambda g: contenders["ista"].integrate_gradient_and_precondition(g, g))
     fns["floor"] = two_pass_floor(window, stream[0], coeff)
     fns["bound"], fns["twin_floor"] = _floor_with_stage(window, stream[0], coeff, m, nsteps, args)
+    fns["op_probe"] = _floor_with_ops(window, stream[0], coeff)
     with peers.lu_nopivot_shim():
         t = time_interleaved(fns, args.repeats, args.warmup)
         floor = t["floor"]["median"]
@@ -96,6 +99,7 @@ def side_by_side(m: int, d: int, args: argparse.Namespace, paper: Any, ista: Any
         row["floor_s"] = floor
         bound = t["bound"]["cpu_median"] - t["twin_floor"]["cpu_median"]  # less the twin's own passes
         row["bound_ratio_cpu"] = bound / t["floor"]["cpu_median"]
+        row["op_us"] = 1e6 * (t["op_probe"]["cpu_median"] - t["floor"]["cpu_median"]) / PROBE_OPS
         row["mfac_over_bound_cpu"] = t["mfac"]["cpu_median"] / bound
         # one aligned step of each on the same window, then the float64 truth for that window
         r = op.next_row
@@ -150,6 +154,23 @@ def _floor_with_stage(window: torch.Tensor, g: torch.Tensor, c: torch.Tensor, m:
         torch.mv(window.T, c)
 
     return bound, two_pass_floor(twin_window, rows[0], c)
+
+
+def _floor_with_ops(window: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> Any:
+    """The floor's two passes with ``PROBE_OPS`` in-place adds on an ``m``-vector between them.
+
+    ``(probe - floor) / PROBE_OPS`` is what one small dispatched operation costs where the step's ``m x m``
+    stage runs (after a pass: the dispatcher's code and data out of the caches), whatever it computes.
+    """
+    small = torch.zeros(window.shape[0], dtype=window.dtype)
+
+    def probe() -> None:
+        torch.mv(window, g)
+        for _ in range(PROBE_OPS):
+            small.add_(1.0)
+        torch.mv(window.T, c)
+
+    return probe
 
 
 def _gram32(window: torch.Tensor, chunk: int = 1 << 15) -> torch.Tensor:
@@ -274,6 +295,10 @@ def render(res: dict) -> str:
         lines += ["mfac aten operations per steady-state step (a dispatch-mode count of one more step; "
                   "each costs a few us whatever m and d, the step's fixed cost): "
                   + ", ".join(f"{r['mfac_ops']} at m = {r['m']}, d = {fmt_d(r['d'])}" for r in counted)
+                  + ".", "",
+                  f"One small operation in place ({PROBE_OPS} in-place adds on an m-vector between the "
+                  "floor's passes, CPU time over the floor's, per add): "
+                  + ", ".join(f"{r['op_us']:.1f} us at m = {r['m']}, d = {fmt_d(r['d'])}" for r in counted)
                   + ".", ""]
     if res.get("scale"):
         lines += ["## Scale: `MFAC.step` against Adam (foreach) and one forward + backward", "",

@@ -25,13 +25,13 @@ def test_quick_run_reports_ratios_errors_and_the_run_record(tmp_path):
         assert r["mfac_ratio"] > 0 and r["floor_s"] > 0
         assert r["mfac_err"] < 1e-5  # float32 step against the float64 truth, max-norm
         assert 40 <= r["mfac_ops"] <= 100  # one steady-state step's dispatched operations
-        assert r["bound_ratio_cpu"] > 0 and r["mfac_over_bound_cpu"] > 0
+        assert r["bound_ratio_cpu"] > 0 and r["mfac_over_bound_cpu"] > 0 and "op_us" in r
     meta = json.loads((tmp_path / "bench_step.json").read_text())["meta"]
     assert meta["damp"] == 1e-5 and meta["repeats"] == 3 and meta["quick"] is True
     assert meta["commit"] and len(meta["load_avg_before"]) == 3
     table = (tmp_path / "bench_step.md").read_text()
     assert f"mfac at {meta['commit']}" in table and "load average (1 min)" in table
-    assert f"{rows[0]['mfac_ops']} at m = 8" in table
+    assert f"{rows[0]['mfac_ops']} at m = 8" in table and f"{rows[0]['op_us']:.1f} us at m = 8" in table
 
 
 
@@ -57,3 +57,13 @@ def test_the_bound_is_the_two_passes_around_one_steady_state_step_of_the_same_m(
     with OpCount() as twin_passes:
         twin_floor()
     assert twin_passes.count == passes.count  # the twin's two passes, subtracted from the bound
+
+
+def test_the_op_probe_is_the_two_passes_around_its_small_operations():
+    window, g, c = torch.randn(8, 300), torch.randn(300), torch.randn(8)
+    with OpCount() as passes:
+        two_pass_floor(window, g, c)()
+    probe_fn = bench_step._floor_with_ops(window, g, c)
+    with OpCount() as probe:
+        probe_fn()
+    assert probe.count == passes.count + bench_step.PROBE_OPS

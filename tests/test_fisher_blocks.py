@@ -212,7 +212,7 @@ def test_finalize_overflow_leaves_the_accumulator_usable():
     acc = BlockFisherAccumulator(6, 4)  # float32 statistics, finalized in place
     acc.add(torch.full((2, 6), 3e19))  # 9e38 * 2 overflows float32
     for keep in (False, True):  # one message, whether or not the statistics are kept
-        with pytest.raises(ValueError, match="statistics' diagonal .* overflowed torch.float32"):
+        with pytest.raises(ValueError, match=r"statistics' diagonal .* overflowed torch.float32"):
             acc.finalize(0.5, keep=keep)
     assert acc.nbytes > 0 and acc.ngrads == 2  # not used up: the statistics are intact
     assert bool(torch.isinf(acc._stats.diagonal(dim1=-2, dim2=-1)).any())
