@@ -9,6 +9,7 @@ together, and the parent kills the workers after a deadline.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
@@ -25,6 +26,7 @@ import torch
 import mfac
 from mfac.distributed import (
     CommStats,
+    DistributedWindow,
     ShardedSlidingInverseFisher,
     ShardedStaticInverseFisher,
     ShardSpec,
@@ -38,6 +40,7 @@ from mfac.distributed import (
     shard_state_dict,
     state_nbytes,
 )
+from mfac.fisher.sliding import WINDOW_CHUNK
 
 F64 = torch.float64
 DEADLINE_S = 150  # per launch; a healthy launch of 3 workers takes about 15 s on 2 cores
@@ -737,3 +740,12 @@ if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
     # skip the interpreter's teardown: C++ destructors of gloo/FSDP threads at exit sometimes abort
     # ("terminate called without an active exception") after everything was written and checked
     os._exit(code)
+
+
+def test_sharded_windows_default_to_the_local_windows_slabs():
+    """The sharded step runs the local step's code: its ``G g`` slabs default to the same width (a
+    narrower default made every rank's pass 4x as many gemvs as the one-process window's)."""
+    local = inspect.signature(mfac.SlidingInverseFisher).parameters["chunk"].default
+    assert local == WINDOW_CHUNK
+    assert inspect.signature(ShardedSlidingInverseFisher).parameters["chunk"].default == local
+    assert inspect.signature(DistributedWindow.new_fisher).parameters["chunk"].default == local
