@@ -133,7 +133,8 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1, **kwarg
 
 # ====================================================================== floors
 def two_pass_floor(
-    window: torch.Tensor, g: torch.Tensor | None = None, c: torch.Tensor | None = None
+    window: torch.Tensor, g: torch.Tensor | None = None, c: torch.Tensor | None = None,
+    *, between: Callable[[], Any] | None = None,
 ) -> Callable[[], None]:
     """The floor of a sliding-window step: the two passes ``G @ g`` and ``G.T @ c`` over ``window``.
 
@@ -141,7 +142,8 @@ def two_pass_floor(
     step reads). ``g`` ``(d,)`` and ``c`` ``(m,)`` default to fixed random vectors of the window's dtype
     and device, drawn from a private generator (the global RNG is not touched). Time the returned callable
     with :func:`time_interleaved` next to the step it is the floor of. Memory-bound: ``2 m d`` elements
-    read per call.
+    read per call. ``between`` (if given) is called between the two passes, where a step does its
+    ``m x m`` work: to price that work in place, after a pass has streamed the window through the caches.
     """
     m, d = window.shape
     gen = torch.Generator(device=window.device).manual_seed(0)
@@ -151,6 +153,8 @@ def two_pass_floor(
 
     def floor() -> None:
         torch.mv(window, g)
+        if between is not None:
+            between()
         torch.mv(window.T, c)
 
     return floor

@@ -147,13 +147,11 @@ def _floor_with_stage(window: torch.Tensor, g: torch.Tensor, c: torch.Tensor, m:
     rows = gen.rows(nsteps + 2, seed=args.seed + 9)
     calls = [0]
 
-    def bound() -> None:
-        torch.mv(window, g)
+    def twin_step() -> None:
         twin.update_mul(rows[calls[0] % rows.shape[0]])
         calls[0] += 1
-        torch.mv(window.T, c)
 
-    return bound, two_pass_floor(twin_window, rows[0], c)
+    return two_pass_floor(window, g, c, between=twin_step), two_pass_floor(twin_window, rows[0], c)
 
 
 def _floor_with_ops(window: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> Any:
@@ -164,13 +162,11 @@ def _floor_with_ops(window: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> A
     """
     small = torch.zeros(window.shape[0], dtype=window.dtype)
 
-    def probe() -> None:
-        torch.mv(window, g)
+    def adds() -> None:
         for _ in range(PROBE_OPS):
             small.add_(1.0)
-        torch.mv(window.T, c)
 
-    return probe
+    return two_pass_floor(window, g, c, between=adds)
 
 
 def _gram32(window: torch.Tensor, chunk: int = 1 << 15) -> torch.Tensor:

@@ -131,6 +131,9 @@ def test_two_pass_floor_reads_the_window_itself(monkeypatch):
     seen.clear()
     two_pass_floor(window, given)()
     assert seen[0][1] is given
+    seen.clear()
+    two_pass_floor(window, given, between=lambda: seen.append("between"))()
+    assert [x if x == "between" else x[0].shape for x in seen] == [(6, 50), "between", (50, 6)]
 
 
 def test_static_build_floor_parts_are_the_gram_and_one_triangular_solve_in_two_layouts():

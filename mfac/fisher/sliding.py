@@ -186,7 +186,6 @@ class SlidingInverseFisher(SlidingCheckpoint, InverseFisher):
         super().__init__(dim, damp, dtype, device)
         self._m = ngrads
         self._average_over = average_over
-        self._chunk = check_positive_int(chunk, "chunk")
         self._allocate_rows()
         self._gram = allocate((ngrads, ngrads), SMALL_DTYPE, device, "m x m Gram matrix")  # G G^T
         self._inv = allocate((ngrads, ngrads), SMALL_DTYPE, device, "m x m inverse")  # P = M^{-1}
